@@ -1,0 +1,29 @@
+# Two entry points: `make demo` (set up + run the main job's default) and `make test`.
+# torch goes in first and alone: it resolves to the CPU wheel on disk here; left to the
+# resolver, pip would fetch a multi-GB CUDA build. Everything else is one pip command
+# (separate installs break aiobotocore's botocore pin). DS_BUILD_OPS=0: DeepSpeed ops JIT-build.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test venv clean-venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -U pip
+	$(PY) -m pip install -q torch==2.13.0
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip check
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) jobs/small_scale_study.py --quick --out runs/demo-study
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+clean-venv:
+	rm -rf $(VENV)

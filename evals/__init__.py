@@ -1,0 +1,1 @@
+"""Benchmark scoring (GenEval, DPG-Bench, WISE) on Ray actor pools."""

@@ -1,0 +1,1 @@
+"""Network adapters exposing F(x_t, t, r, cond) with signed time."""
