@@ -1,0 +1,106 @@
+"""Ray Train wiring of the study: one TorchTrainer run per (dataset, method).
+
+Workers are CPU processes joined by a gloo process group (Ray's TorchBackend); each holds a DDP
+replica and draws its own micro-batch, and blocks are dealt over the global batch. Rank 0 shows a
+progress bar on the driver (tqdm_ray); every rank calls ``ray.train.report`` the same number of
+times, and the final report carries rank 0's checkpoint (model + sampling EMA).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from twinflow.config.tree import from_dict, to_dict
+from twinflow.method import TwinFlowConfig
+from twinflow.study.datasets import Digits, Mixture2D, load_digits, make_mixture
+from twinflow.study.trainer import TrainResult, TrainSettings, build_net, train_run
+
+CHECKPOINT_FILE = "weights.pt"
+
+
+def load_dataset(name: str, mixture_modes: int = 8, mixture_seed: int = 0) -> Digits | Mixture2D:
+    if name == "digits":
+        return load_digits()
+    if name == "mixture2d":
+        return make_mixture(mixture_modes, mixture_seed)
+    raise ValueError(f"unknown dataset {name!r}; choose digits or mixture2d")
+
+
+def worker_loop(config: dict) -> None:
+    """Per-worker entry point (``TorchTrainer(train_loop_per_worker=worker_loop)``)."""
+    import ray.train
+    import torch.distributed as dist
+    from ray.experimental.tqdm_ray import tqdm
+    from torch.nn.parallel import DistributedDataParallel
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(int(config.get("threads_per_worker", 1)))
+    data = load_dataset(config["dataset"], config["mixture_modes"], config["mixture_seed"])
+    method = from_dict(TwinFlowConfig, config["method"])
+    settings = from_dict(TrainSettings, config["train"])
+    label = f"{config['dataset']}/{config['method_name']}"
+    bar = tqdm(total=settings.steps, desc=label) if rank == 0 else None
+
+    def wrap(model):
+        return DistributedDataParallel(model) if world > 1 else model
+
+    def reduce_stats(stats: dict) -> dict:
+        if world == 1:
+            return stats
+        names = sorted(stats)
+        flat = torch.stack([torch.stack([stats[k][0].float(), stats[k][1].float()]) for k in names])
+        dist.all_reduce(flat)
+        return {k: (flat[i, 0], flat[i, 1]) for i, k in enumerate(names)}
+
+    def report(step: int, row: dict) -> None:
+        if bar is not None:
+            bar.update(step - bar.n)
+            bar.set_description(f"{label} loss {row.get('loss/total', float('nan')):.4f}")
+        ray.train.report({"step": step, **row})
+
+    result = train_run(data, method, settings, rank=rank, world_size=world, wrap=wrap, report=report,
+                       reduce_stats=reduce_stats)
+    if bar is not None:
+        bar.close()
+    final = {"step": settings.steps, "done": 1.0, **{k: v for k, v in result.history[-1].items() if k != "step"}}
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            torch.save(_state(result), os.path.join(tmp, CHECKPOINT_FILE))
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(final, checkpoint=checkpoint)
+
+
+def _state(result: TrainResult) -> dict:
+    return {"model": result.model.state_dict(),
+            "ema": result.ema.module.state_dict() if result.ema is not None else None,
+            "history": result.history}
+
+
+def fit(dataset: str, method_name: str, method: TwinFlowConfig, settings: TrainSettings, workers: int,
+        storage: Path, mixture_modes: int, mixture_seed: int) -> tuple[torch.nn.Module, list[dict]]:
+    """Train one (dataset, method) through Ray Train; return the sampling network and the log."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    config = {"dataset": dataset, "method_name": method_name, "method": to_dict(method), "train": to_dict(settings),
+              "mixture_modes": mixture_modes, "mixture_seed": mixture_seed, "threads_per_worker": threads}
+    trainer = TorchTrainer(
+        worker_loop, train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker={"CPU": 1}),
+        torch_config=TorchConfig(backend="gloo", timeout_s=600),
+        run_config=RunConfig(name=f"{dataset}-{method_name}", storage_path=str(storage.resolve())))
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"{dataset}/{method_name}: training finished without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    net = build_net(load_dataset(dataset, mixture_modes, mixture_seed), settings.net)
+    net.load_state_dict(state["ema"] if state["ema"] is not None else state["model"])
+    return net.eval(), state["history"]

@@ -1,0 +1,132 @@
+"""One (dataset, method) training run of the study, written once for any rank/world size.
+
+``train_run`` is called inside each Ray Train worker (study/ray_job.py) with the worker's rank
+and a ``wrap`` that applies DDP; run in-process with rank 0 of 1 it is the same loop, which is
+how the unit tests and quick experiments call it. Blocks are allocated over the global batch
+(method/blocks.py), so 2 workers × 128 rows see exactly the λ proportions of 256.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import torch
+from torch import nn
+
+from twinflow.config.errors import require
+from twinflow.method import (BatchLayout, EmaWeights, LossNorm, TwinFlowConfig, TwinFlowObjective,
+                             allocate_micro_batch, make_teacher)
+from twinflow.models.toy import DigitsNet, ToyMLP
+from twinflow.study.datasets import Digits, Mixture2D
+
+
+@dataclass
+class NetSettings:
+    width: int = 256
+    depth: int = 4
+
+
+@dataclass
+class TrainSettings:
+    steps: int = 4000
+    batch_size: int = 256
+    """Global batch per optimizer step (split evenly over workers)."""
+    lr: float = 1e-3
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    warmup_steps: int = 100
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    """EMA of the weights used for sampling (0 samples the raw weights)."""
+    seed: int = 0
+    log_every: int = 100
+    net: NetSettings = field(default_factory=NetSettings)
+
+    def validate(self, path: str) -> None:
+        require(self.steps >= 1, f"{path}.steps", "must be >= 1")
+        require(self.batch_size >= 1, f"{path}.batch_size", "must be >= 1")
+        require(self.lr > 0, f"{path}.lr", "must be positive")
+        require(0 <= self.ema_decay < 1, f"{path}.ema_decay", "must be in [0, 1)")
+
+
+def build_net(data: Digits | Mixture2D, net: NetSettings) -> nn.Module:
+    if isinstance(data, Digits):
+        return DigitsNet(data_dim=data.data_dim, width=net.width, depth=net.depth, num_classes=data.num_classes)
+    return ToyMLP(data_dim=data.data_dim, width=net.width, depth=net.depth)
+
+
+def lr_factor(step: int, s: TrainSettings) -> float:
+    warm = min(1.0, (step + 1) / max(1, s.warmup_steps))
+    if s.lr_schedule == "constant":
+        return warm
+    return warm * 0.5 * (1 + math.cos(math.pi * min(step, s.steps) / s.steps))
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module  # raw (unwrapped) weights
+    ema: EmaWeights | None
+    history: list[dict[str, float]]
+
+    def sampling_net(self) -> nn.Module:
+        return (self.ema.module if self.ema is not None else self.model).eval()
+
+
+def train_run(data: Digits | Mixture2D, method: TwinFlowConfig, s: TrainSettings, rank: int = 0, world_size: int = 1,
+              wrap: Callable[[nn.Module], nn.Module] = lambda m: m,
+              report: Callable[[int, dict[str, float]], None] | None = None,
+              reduce_stats: Callable[[dict], dict] = lambda stats: stats) -> TrainResult:
+    if s.batch_size % world_size:
+        raise ValueError(f"batch_size {s.batch_size} is not divisible by {world_size} workers")
+    layout = BatchLayout(micro_batch=s.batch_size // world_size, world_size=world_size)
+    weights = method.weights()
+    norm = LossNorm.global_(weights, layout)
+
+    torch.manual_seed(s.seed)  # identical initial weights on every rank
+    raw = build_net(data, s.net)
+    model = wrap(raw)
+    teacher = make_teacher(method.teacher, raw, method.teacher_ema_decay)
+    ema = EmaWeights(raw, s.ema_decay, warmup=True) if s.ema_decay > 0 else None
+    opt = torch.optim.AdamW(raw.parameters(), lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, s))
+    objective = TwinFlowObjective(method)
+    gen = torch.Generator().manual_seed(s.seed * 1000 + rank + 1)
+    conditional = isinstance(data, Digits)
+    history: list[dict[str, float]] = []
+    acc: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    for step in range(s.steps):
+        ids = allocate_micro_batch(weights, layout, rank, 0, step)
+        x, y = data.batch(layout.micro_batch, gen)
+        # The unconditional "prompt" for CFG enhancement on class labels: a random permutation
+        # of the batch's labels (the reference MNIST tutorial's choice; there is no null class).
+        uncond = y[torch.randperm(len(y), generator=gen)] if (conditional and method.enhance_ratio > 0) else None
+        out = objective(model, x, y, ids, uncond=uncond, teacher=teacher, model_nograd=raw, generator=gen, norm=norm)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(raw.parameters(), s.grad_clip)
+        opt.step()
+        sched.step()
+        teacher.update(raw)
+        if ema is not None:
+            ema.update(raw)
+        for k, (tot, cnt) in out.stats.items():
+            _accumulate(acc, k, tot, cnt)
+        _accumulate(acc, "grad_norm", gnorm.detach(), torch.tensor(1.0))
+        if (step + 1) % s.log_every == 0 or step + 1 == s.steps:
+            totals = reduce_stats(acc)
+            row = {k: float(t) / max(float(c), 1e-12) for k, (t, c) in totals.items()}
+            row["lr"] = sched.get_last_lr()[0]
+            history.append({"step": step + 1, **row})
+            if report is not None:
+                report(step + 1, row)
+            acc = {}
+    return TrainResult(model=raw, ema=ema, history=history)
+
+
+def _accumulate(acc: dict, name: str, total: torch.Tensor, count: torch.Tensor) -> None:
+    prev_total, prev_count = acc.get(name, (torch.zeros(()), torch.zeros(())))
+    acc[name] = (prev_total + total, prev_count + count)
