@@ -367,6 +367,25 @@ def test_lora_frozen_teacher_is_the_initial_model(tiny_qwen_image, cond):
     assert not any(m.disable_adapters for m in model.modules() if hasattr(m, "lora_A"))
 
 
+def test_full_mode_ema_teacher_is_a_copy_with_its_own_e2(tiny_qwen_image, cond):
+    """method.EmaTeacher deep-copies the adapter; the E2 hook must follow the copy, not the original."""
+    model = load_twinflow_transformer(tiny_qwen_image, full_trainable=True).eval()
+    velocity = QwenImageVelocity(model)
+    teacher = make_qwen_teacher("ema", velocity, ema_decay=0.5)
+    copied = teacher.module.transformer
+    hooks = list(copied.time_text_embed._forward_hooks.values())
+    assert [h.__self__ for h in hooks] == [copied]  # re-bound to the copy by deepcopy
+    x, t, r = _latents(6), torch.full((6,), 0.9), torch.zeros(6)
+    with torch.no_grad():
+        initial = velocity(x, t, r, cond)
+        for p in model.time_text_embed_2.parameters():
+            p.add_(0.3)
+    torch.testing.assert_close(teacher.velocity(x, t, r, cond), initial, rtol=0, atol=0)
+    teacher.update(velocity)  # first update copies
+    with torch.no_grad():
+        torch.testing.assert_close(teacher.velocity(x, t, r, cond), velocity(x, t, r, cond), rtol=0, atol=0)
+
+
 def test_merged_lora_equals_the_adapter_model_and_saves_as_twinflow(tiny_qwen_image, cond, tmp_path):
     model = _lora_model(tiny_qwen_image).eval()
     _perturb_default_lora(model, seed=4, scale=0.2)

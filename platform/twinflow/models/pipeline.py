@@ -148,12 +148,16 @@ class TwinFlowQwenImagePipeline(QwenImagePipeline):
             cfg = self.sampler_for(num_inference_steps)
 
         device = self._execution_device
+        # Repeat per image here, not in encode_prompt: diffusers 0.42.1 repeats a 2-D mask with
+        # repeat(1, n, 1), which tiles the whole batch ([m0, m1, m0, m1]) while the embeddings are
+        # interleaved ([p0, p0, p1, p1]), pairing prompts with the wrong padding masks.
         embeds, mask = self.encode_prompt(prompt=prompt, prompt_embeds=prompt_embeds,
                                           prompt_embeds_mask=prompt_embeds_mask, device=device,
-                                          num_images_per_prompt=num_images_per_prompt,
-                                          max_sequence_length=max_sequence_length)
+                                          num_images_per_prompt=1, max_sequence_length=max_sequence_length)
         if mask is None:
             mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        embeds = embeds.repeat_interleave(num_images_per_prompt, dim=0)
+        mask = mask.repeat_interleave(num_images_per_prompt, dim=0)
         cond = {"prompt_embeds": embeds, "prompt_mask": mask}
         batch = embeds.shape[0]
 

@@ -299,21 +299,20 @@ def load_weights_into(model: TwinFlowQwenImageTransformer2DModel, folder: str | 
 
     handles: dict[str, Any] = {}
     try:
+        # Module by module, so that a partitioned model gathers one module's parameters at a time.
         for mod_name, module in model.named_modules():
-            own = [(n, t) for n, t in list(module.named_parameters(recurse=False)) +
-                   list(module.named_buffers(recurse=False))]
-            keys = [(n, f"{mod_name}.{n}" if mod_name else n) for n, _ in own]
+            local = [n for n, _ in module.named_parameters(recurse=False)]
+            local += [n for n, _ in module.named_buffers(recurse=False)]
+            keys = [(n, f"{mod_name}.{n}" if mod_name else n) for n in local]
             keys = [(n, k) for n, k in keys if k in weight_map]
             if not keys:
                 continue
-            params = [p for _, p in module.named_parameters(recurse=False)]
-            with gather(params):
+            with gather(list(module.parameters(recurse=False))):
                 for n, k in keys:
                     file = weight_map[k]
                     if file not in handles:
                         handles[file] = safe_open(folder / file, framework="pt")
-                    value = handles[file].get_tensor(k)
-                    _assign(module, n, value)
+                    _assign(module, n, handles[file].get_tensor(k))
     finally:
         handles.clear()
     if model.config.target_time_embed and not any(k.startswith(E2_PREFIX) for k in weight_map):
