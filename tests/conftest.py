@@ -34,3 +34,12 @@ def ray_local():
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_image(tmp_path_factory):
+    """A random-weight Qwen-Image pipeline folder in diffusers' layout (preset "tiny"), built once
+    per session; tests must not modify it (copy or save elsewhere)."""
+    from twinflow.models.tiny_qwen import build_tiny_qwen_image
+
+    return build_tiny_qwen_image(tmp_path_factory.mktemp("tiny-qwen-image") / "pipe", preset="tiny", seed=0)

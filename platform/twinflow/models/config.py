@@ -1,0 +1,60 @@
+"""The Qwen-Image model config: which checkpoint, LoRA or full, precision, memory switches.
+
+One dataclass, serialised as the ``model:`` section of the training YAML. The teacher *mode*
+(self / ema / frozen) and its decay belong to the method config (``twinflow.teacher``,
+``twinflow.teacher_ema_decay``); ``ema`` here only says whether the model must carry the LoRA
+"ema" adapter, which has to exist before the optimizer and DeepSpeed wrap the model.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from twinflow.config.errors import require
+from twinflow.models.lora import LoraSettings
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class QwenImageModelConfig:
+    path: str = "Qwen/Qwen-Image"
+    """A diffusers Qwen-Image pipeline: local folder or hub id (a TwinFlow export works too)."""
+    subfolder: str = "transformer"
+    mode: Literal["lora", "full"] = "lora"
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """Used when mode is lora."""
+    ema: bool = False
+    """LoRA mode: add the "ema" adapter for ``twinflow.teacher: ema`` (full mode copies the module instead)."""
+    gradient_checkpointing: bool = True
+    dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
+    """Weights dtype of the transformer (the frozen base in LoRA mode; LoRA/E2 follow ``lora.dtype``)."""
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    def validate(self, path: str = "model") -> None:
+        p = path or "model"
+        require(bool(self.path), f"{p}.path", "set it to a diffusers Qwen-Image folder or hub id (Qwen/Qwen-Image)")
+        local = Path(self.path).expanduser()
+        if local.exists():
+            require(local.is_dir() and ((local / "model_index.json").exists()
+                                        or (local / self.subfolder / "config.json").exists()),
+                    f"{p}.path", f"{self.path} is not a diffusers pipeline folder (no model_index.json or "
+                                 f"{self.subfolder}/config.json)")
+        else:
+            require(_HUB_ID.match(self.path) is not None and not self.path.startswith((".", "/", "~")),
+                    f"{p}.path", f"{self.path} does not exist locally and is not a hub id like Qwen/Qwen-Image")
+        require(self.mode in ("lora", "full"), f"{p}.mode", f"must be lora or full, got {self.mode!r}")
+        require(self.dtype in _DTYPES, f"{p}.dtype", f"must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        require(not (self.ema and self.mode == "full"), f"{p}.ema",
+                "only applies to mode lora (full mode's EMA teacher is a module copy); set it to false")
+        if self.mode == "lora":
+            self.lora.validate(f"{p}.lora")
