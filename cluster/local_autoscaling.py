@@ -34,7 +34,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -180,15 +179,27 @@ class LocalAutoscalingCluster:
         self.temp_dir: Path | None = None
         self.address: str | None = None
         self.config: dict[str, Any] | None = None
-        self._log_thread: threading.Thread | None = None
+        atexit.register(self.shutdown)  # also on an interpreter exit that skips __exit__
 
     # -- lifecycle ------------------------------------------------------------------------------
-    def start(self, timeout_s: float = 180.0) -> "LocalAutoscalingCluster":
+    def start(self, timeout_s: float = 180.0, attempts: int = 3) -> "LocalAutoscalingCluster":
+        """Start the head (the autoscaler runs inside it). On a loaded machine `ray start` can
+        give up waiting for its own raylet (a fixed 30 s in Ray); each retry starts afresh with
+        a new temp dir and new ports, after ending whatever the failed attempt left."""
+        failures = []
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._start_once(timeout_s)
+            except (RuntimeError, TimeoutError) as e:
+                failures.append(f"attempt {attempt}: {e}")
+                self.shutdown()
+        raise RuntimeError("local autoscaling cluster did not start:\n" + "\n".join(failures))
+
+    def _start_once(self, timeout_s: float) -> "LocalAutoscalingCluster":
         import ray
 
         # Short root: Ray's unix socket paths live under it and must stay below ~107 bytes.
         self.temp_dir = Path(tempfile.mkdtemp(prefix="tfray_", dir="/tmp"))
-        atexit.register(self.shutdown)
         port = _free_port()
         self.address = f"{ray.util.get_node_ip_address()}:{port}"
         self.config = fake_autoscaling_config(
@@ -220,23 +231,34 @@ class LocalAutoscalingCluster:
             f"--dashboard-agent-listen-port={_free_port()}",
             "--disable-usage-stats",
         ]  # fmt: skip
-        log = open(self.temp_dir / "ray_start.log", "wb")
-        self.proc = subprocess.Popen(
-            cmd,
-            env={**os.environ, **self.auth_env, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # our own process group: a Ctrl-C in the terminal reaches us, not Ray
-        )
+        log_path = self.temp_dir / "ray_start.log"
+        with open(log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                cmd,
+                env={**os.environ, **self.auth_env, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # our own process group: a Ctrl-C in the terminal reaches us, not Ray
+            )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            text = (self.temp_dir / "ray_start.log").read_text(errors="replace")
+            text = log_path.read_text(errors="replace")
             if "Ray runtime started" in text:
                 return self
             if self.proc.poll() is not None:
-                raise RuntimeError(f"`ray start` exited with {self.proc.returncode}:\n{text[-4000:]}")
+                raise RuntimeError(f"`ray start` exited with {self.proc.returncode}:\n{self._diagnostics()}")
             time.sleep(0.5)
-        raise TimeoutError(f"local cluster head not up after {timeout_s:.0f}s; see {self.temp_dir}/ray_start.log")
+        raise TimeoutError(f"head not up after {timeout_s:.0f}s:\n{self._diagnostics()}")
+
+    def _diagnostics(self, chars: int = 1500) -> str:
+        """Tails of the logs that say why a start failed (the temp dir is removed afterwards)."""
+        out = []
+        for pattern in ("ray_start.log", "session_*/logs/raylet.err", "session_*/logs/raylet.out", "session_*/logs/gcs_server.err"):
+            for p in sorted({q.resolve() for q in self.temp_dir.glob(pattern)}):
+                text = p.read_text(errors="replace").strip()
+                if text:
+                    out.append(f"--- {p.name}\n{text[-chars:]}")
+        return "\n".join(out)
 
     @property
     def auth_env(self) -> dict[str, str]:
@@ -254,11 +276,9 @@ class LocalAutoscalingCluster:
         """The autoscaler's own log (what it launched and terminated, and why)."""
         if self.temp_dir is None:
             return ""
-        parts = []
-        for p in sorted(self.temp_dir.glob("session_*/logs/monitor.*")):
-            if p.is_file():
-                parts.append(p.read_text(errors="replace"))
-        return "\n".join(parts)
+        # session_latest is a symlink to the session dir: read each file once.
+        files = {p.resolve() for p in self.temp_dir.glob("session_*/logs/monitor.*") if p.is_file()}
+        return "\n".join(p.read_text(errors="replace") for p in sorted(files))
 
     def _own_pids(self) -> set[int]:
         """Processes this cluster started: the `ray start` tree, plus anything (fake nodes'
