@@ -106,7 +106,7 @@ def fake_autoscaling_config(
     from ray.autoscaler._private.constants import DISABLE_LAUNCH_CONFIG_CHECK_KEY, DISABLE_NODE_UPDATERS_KEY
     from ray.autoscaler._private.util import validate_config
 
-    head, workers = derive_fake_node_types(launcher_config, **shrink)
+    _, workers = derive_fake_node_types(launcher_config, **shrink)
     node_types = copy.deepcopy(workers)
     # The fake head is started by `ray start` with these resources, never launched.
     node_types[FAKE_HEAD_TYPE] = {"resources": {}, "node_config": {}, "min_workers": 0, "max_workers": 0}
@@ -140,7 +140,6 @@ def fake_autoscaling_config(
         "worker_start_ray_commands": [],
     }
     validate_config(config)
-    config["_head_resources"] = head  # read by LocalAutoscalingCluster, dropped before writing
     return config
 
 
@@ -208,7 +207,7 @@ class LocalAutoscalingCluster:
             idle_timeout_minutes=self.idle_timeout_minutes,
             **self._shrink,
         )
-        head = self.config.pop("_head_resources")
+        head, _ = derive_fake_node_types(self.launcher_config, **self._shrink)
         config_path = self.temp_dir / "autoscaling.yaml"
         config_path.write_text(json.dumps(self.config, indent=1))
         token_path = self.temp_dir / "auth_token"

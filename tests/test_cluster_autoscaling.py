@@ -4,7 +4,7 @@
 ray start --autoscaling-config ...``): the real v1 autoscaler (what ``ray up`` runs on the head)
 launches and terminates "nodes" that are extra raylets on this machine. The node types come from
 cluster/aws.yaml with GPU counts and twinflow_* resources kept as logical resources, CPUs shrunk
-to 1, and a 6-second idle timeout.
+to 1, and a 15-second idle timeout.
 
 One driver process (this file run as a script, so the test process never joins the cluster and
 cannot disturb another test's Ray) plays a small platform session and reports what happened:
@@ -30,11 +30,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
-IDLE_TIMEOUT_MINUTES = 0.1  # 6 s; the cloud configs use 10 min
+IDLE_TIMEOUT_MINUTES = 0.25  # 15 s (the cloud configs use 10 min): longer than the driver needs to look
 PLACE_TIMEOUT_S = 120  # generous: starting a fake node is a raylet + agents on a loaded 2-core box
 SCALE_DOWN_DEADLINE_S = 120
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
 
 def _local_autoscaling():
@@ -109,7 +109,7 @@ def session():
     outcome: dict = {"derived": None}
     t_start = time.monotonic()
     try:
-        cluster.start(timeout_s=150)
+        cluster.start(timeout_s=90, attempts=3)
         outcome["derived"] = cluster.config
         outcome["head_seconds"] = time.monotonic() - t_start
         proc = subprocess.run(
@@ -179,7 +179,9 @@ def test_training_demand_scales_a_training_node_up_from_zero(session):
     (train_node,) = set(report["train_nodes"])  # both workers fit on one 8-GPU node
     res = report["alive_after_train"][train_node]
     assert res["twinflow_train"] == 8 and res["GPU"] == 8
-    assert _launches(session["monitor_log"], "gpu_train") == 1
+    assert len(report["alive_after_train"]) == 2, "head + one training node"
+    # The autoscaler's own record (>= 1: a fake node that fails to start under load is retried).
+    assert _launches(session["monitor_log"], "gpu_train") >= 1
 
 
 def test_eval_and_data_work_get_their_own_node_types_not_the_free_training_gpus(session):
@@ -192,9 +194,10 @@ def test_eval_and_data_work_get_their_own_node_types_not_the_free_training_gpus(
     assert alive[eval_node].get("twinflow_eval") == 1 and "twinflow_train" not in alive[eval_node]
     (data_node,) = set(report["data_nodes"])
     assert data_node not in (train_node, eval_node) and alive[data_node]["twinflow_data"] == 64
+    assert len(alive) == 4, "head, training, eval and data node; eval/data demand added no training node"
+    assert sum("twinflow_train" in r for r in alive.values()) == 1
     log = session["monitor_log"]
-    assert _launches(log, "gpu_eval") == 1 and _launches(log, "cpu_data") == 1
-    assert _launches(log, "gpu_train") == 1, "eval/data demand must not launch training nodes"
+    assert _launches(log, "gpu_eval") >= 1 and _launches(log, "cpu_data") >= 1
 
 
 def test_idle_worker_nodes_are_removed_after_the_idle_timeout(session):
