@@ -171,7 +171,9 @@ class LocalAutoscalingCluster:
         self.launcher_yaml = Path(launcher_yaml)
         self.launcher_config = load_launcher_config(self.launcher_yaml)
         self._shrink = dict(
-            cpus_per_node=cpus_per_node, max_workers_per_type=max_workers_per_type, object_store_bytes=object_store_bytes
+            cpus_per_node=cpus_per_node,
+            max_workers_per_type=max_workers_per_type,
+            object_store_bytes=object_store_bytes,
         )
         self.idle_timeout_minutes = idle_timeout_minutes
         self.proc: subprocess.Popen | None = None
@@ -252,7 +254,8 @@ class LocalAutoscalingCluster:
     def _diagnostics(self, chars: int = 1500) -> str:
         """Tails of the logs that say why a start failed (the temp dir is removed afterwards)."""
         out = []
-        for pattern in ("ray_start.log", "session_*/logs/raylet.err", "session_*/logs/raylet.out", "session_*/logs/gcs_server.err"):
+        logs = ("raylet.err", "raylet.out", "gcs_server.err")
+        for pattern in ("ray_start.log", *(f"session_*/logs/{name}" for name in logs)):
             for p in sorted({q.resolve() for q in self.temp_dir.glob(pattern)}):
                 text = p.read_text(errors="replace").strip()
                 if text:
@@ -298,7 +301,8 @@ class LocalAutoscalingCluster:
             me = os.getuid()
             for p in psutil.process_iter(["pid", "uids", "cmdline"]):
                 try:
-                    if p.info["uids"] and p.info["uids"].real == me and any(marker in a for a in p.info["cmdline"] or ()):
+                    mine = p.info["uids"] is not None and p.info["uids"].real == me
+                    if mine and any(marker in a for a in p.info["cmdline"] or ()):
                         pids.add(p.info["pid"])
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue
@@ -355,7 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the derived autoscaling config and exit")
     args = parser.parse_args(argv)
     cluster = LocalAutoscalingCluster(
-        args.launcher_yaml, idle_timeout_minutes=args.idle_timeout_minutes, max_workers_per_type=args.max_workers_per_type
+        args.launcher_yaml,
+        idle_timeout_minutes=args.idle_timeout_minutes,
+        max_workers_per_type=args.max_workers_per_type,
     )
     if args.dry_run:
         cfg = fake_autoscaling_config(

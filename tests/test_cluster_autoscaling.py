@@ -38,7 +38,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
 
 def _local_autoscaling():
-    spec = importlib.util.spec_from_file_location("twinflow_cluster_local_autoscaling", CLUSTER / "local_autoscaling.py")
+    path = CLUSTER / "local_autoscaling.py"
+    spec = importlib.util.spec_from_file_location("twinflow_cluster_local_autoscaling", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -130,10 +131,11 @@ def session():
         cluster.shutdown()
         outcome["leftover_pids"] = _pids_with(marker)
         outcome["total_seconds"] = time.monotonic() - t_start
+        r = outcome["report"]
         print(
-            f"\n[cluster autoscaling] head {outcome['head_seconds']:.1f}s, train node "
-            f"{outcome['report']['train_seconds']:.1f}s, eval+data nodes {outcome['report']['eval_data_seconds']:.1f}s, "
-            f"scale-down {outcome['report']['scale_down_seconds']:.1f}s, total {outcome['total_seconds']:.1f}s"
+            f"\n[cluster autoscaling] head {outcome['head_seconds']:.1f}s, train node {r['train_seconds']:.1f}s, "
+            f"eval+data nodes {r['eval_data_seconds']:.1f}s, scale-down {r['scale_down_seconds']:.1f}s, "
+            f"total {outcome['total_seconds']:.1f}s"
         )
         yield outcome
     finally:

@@ -34,7 +34,8 @@ IMAGE_TAG = "0.1.0-ray2.60.0-torch2.13.0-cu128"
 
 
 def _local_autoscaling():
-    spec = importlib.util.spec_from_file_location("twinflow_cluster_local_autoscaling", CLUSTER / "local_autoscaling.py")
+    path = CLUSTER / "local_autoscaling.py"
+    spec = importlib.util.spec_from_file_location("twinflow_cluster_local_autoscaling", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -67,7 +68,8 @@ def _check_contract(node_types: dict[str, dict], head: str, where: str) -> dict[
         assert role not in roles, f"{where}: both {roles.get(role)} and {name} advertise {role}"
         roles[role] = name
         if role in (ray_resources.TRAIN, ray_resources.EVAL):
-            assert res.get("GPU", 0) >= 1 and res[role] == res["GPU"], f"{where}: {name} needs one {role} per GPU: {res}"
+            ok = res.get("GPU", 0) >= 1 and res[role] == res["GPU"]
+            assert ok, f"{where}: {name} needs one {role} per GPU: {res}"
         else:
             assert not res.get("GPU") and res[role] == res["CPU"], f"{where}: {name} needs one {role} per CPU: {res}"
     assert set(roles) == TWINFLOW_RESOURCES, f"{where}: missing node types for {TWINFLOW_RESOURCES - set(roles)}"
@@ -294,7 +296,9 @@ def test_serviceaccount_binds_cloud_identities_without_keys():
 def _zip_names(directory: Path, target: Path, excludes: list[str], include_parent_dir=False) -> list[str]:
     from ray._private.runtime_env.packaging import create_package
 
-    create_package(str(directory), target, include_gitignore=True, include_parent_dir=include_parent_dir, excludes=excludes)
+    create_package(
+        str(directory), target, include_gitignore=True, include_parent_dir=include_parent_dir, excludes=excludes
+    )
     with zipfile.ZipFile(target) as z:
         return z.namelist()
 
@@ -323,7 +327,8 @@ def test_runtime_env_keeps_the_working_dir_small(tmp_path):
     RuntimeEnv(**env)
     assert env["working_dir"] == str(repo) and env["py_modules"] == ["platform/twinflow"]
     names = _zip_names(repo, tmp_path / "wd.zip", env["excludes"])
-    assert "jobs/train_qwen.py" in names and "jobs/configs/qwen_image_lora.yaml" in names and "evals/__init__.py" in names
+    for code in ("jobs/train_qwen.py", "jobs/configs/qwen_image_lora.yaml", "evals/__init__.py"):
+        assert code in names
     leaked = [n for n in names if n.startswith((".venv", "runs", ".git")) or "__pycache__" in n]
     assert not leaked, f"working_dir upload would carry {leaked}"
 
@@ -376,5 +381,6 @@ def test_image_pins_satisfy_pyproject():
         assert name in pins, f"the image must pin {name}"
     for name, version in pins.items():
         if name in ranges:
-            assert ranges[name].contains(version, prereleases=True), f"{name}=={version} violates pyproject {ranges[name]}"
+            ok = ranges[name].contains(version, prereleases=True)
+            assert ok, f"{name}=={version} violates pyproject {ranges[name]}"
     assert pins["torch"] == "2.13.0" and pins["ray"] == "2.60.0"
