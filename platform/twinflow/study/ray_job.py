@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,7 +32,13 @@ def load_dataset(name: str, mixture_modes: int = 8, mixture_seed: int = 0) -> Di
 
 
 def worker_loop(config: dict) -> None:
-    """Per-worker entry point (``TorchTrainer(train_loop_per_worker=worker_loop)``)."""
+    """Per-worker entry point: trains every run of ``config["runs"]`` in turn.
+
+    One worker group serves the whole study (starting one costs ~15 s on 2 cores). After each
+    run every rank reports; rank 0 attaches that run's checkpoint (kept: num_to_keep=None).
+    """
+    import time
+
     import ray.train
     import torch.distributed as dist
     from ray.experimental.tqdm_ray import tqdm
@@ -40,11 +47,6 @@ def worker_loop(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(int(config.get("threads_per_worker", 1)))
-    data = load_dataset(config["dataset"], config["mixture_modes"], config["mixture_seed"])
-    method = from_dict(TwinFlowConfig, config["method"])
-    settings = from_dict(TrainSettings, config["train"])
-    label = f"{config['dataset']}/{config['method_name']}"
-    bar = tqdm(total=settings.steps, desc=label) if rank == 0 else None
 
     def wrap(model):
         return DistributedDataParallel(model) if world > 1 else model
@@ -57,23 +59,31 @@ def worker_loop(config: dict) -> None:
         dist.all_reduce(flat)
         return {k: (flat[i, 0], flat[i, 1]) for i, k in enumerate(names)}
 
-    def report(step: int, row: dict) -> None:
-        if bar is not None:
-            bar.update(step - bar.n)
-            bar.set_description(f"{label} loss {row.get('loss/total', float('nan')):.4f}")
-        ray.train.report({"step": step, **row})
+    for index, run in enumerate(config["runs"]):
+        data = load_dataset(run["dataset"], config["mixture_modes"], config["mixture_seed"])
+        method = from_dict(TwinFlowConfig, run["method"])
+        settings = from_dict(TrainSettings, run["train"])
+        label = f"{run['dataset']}/{run['method_name']}"
+        bar = tqdm(total=settings.steps, desc=label) if rank == 0 else None
 
-    result = train_run(data, method, settings, rank=rank, world_size=world, wrap=wrap, report=report,
-                       reduce_stats=reduce_stats)
-    if bar is not None:
-        bar.close()
-    final = {"step": settings.steps, "done": 1.0, **{k: v for k, v in result.history[-1].items() if k != "step"}}
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
-        if rank == 0:
-            torch.save(_state(result), os.path.join(tmp, CHECKPOINT_FILE))
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(final, checkpoint=checkpoint)
+        def report(step: int, row: dict) -> None:
+            if bar is not None:
+                bar.update(step - bar.n)
+                bar.set_description(f"{label} loss {row.get('loss/total', float('nan')):.4f}")
+            ray.train.report({"run": index, "step": step, **row})
+
+        t0 = time.time()
+        result = train_run(data, method, settings, rank=rank, world_size=world, wrap=wrap, report=report,
+                           reduce_stats=reduce_stats)
+        if bar is not None:
+            bar.close()
+        final = {"run": index, "run_done": 1.0, "train_s": time.time() - t0, **result.history[-1]}
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                torch.save(_state(result), os.path.join(tmp, CHECKPOINT_FILE))
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(final, checkpoint=checkpoint)
 
 
 def _state(result: TrainResult) -> dict:
@@ -82,25 +92,41 @@ def _state(result: TrainResult) -> dict:
             "history": result.history}
 
 
-def fit(dataset: str, method_name: str, method: TwinFlowConfig, settings: TrainSettings, workers: int,
-        storage: Path, mixture_modes: int, mixture_seed: int) -> tuple[torch.nn.Module, list[dict]]:
-    """Train one (dataset, method) through Ray Train; return the sampling network and the log."""
-    from ray.train import RunConfig, ScalingConfig
+@dataclass
+class TrainedRun:
+    net: torch.nn.Module
+    history: list[dict]
+    train_s: float
+
+
+def fit_runs(runs: list[dict], workers: int, storage: Path, name: str, mixture_modes: int,
+             mixture_seed: int) -> list[TrainedRun]:
+    """Train ``runs`` ({dataset, method_name, method: TwinFlowConfig, train: TrainSettings}) in one
+    Ray Train job; return each run's sampling network (EMA weights when kept) in order."""
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     threads = max(1, (os.cpu_count() or 1) // workers)
-    config = {"dataset": dataset, "method_name": method_name, "method": to_dict(method), "train": to_dict(settings),
+    config = {"runs": [{"dataset": r["dataset"], "method_name": r["method_name"], "method": to_dict(r["method"]),
+                        "train": to_dict(r["train"])} for r in runs],
               "mixture_modes": mixture_modes, "mixture_seed": mixture_seed, "threads_per_worker": threads}
     trainer = TorchTrainer(
         worker_loop, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker={"CPU": 1}),
         torch_config=TorchConfig(backend="gloo", timeout_s=600),
-        run_config=RunConfig(name=f"{dataset}-{method_name}", storage_path=str(storage.resolve())))
+        run_config=RunConfig(name=name, storage_path=str(storage.resolve()),
+                             checkpoint_config=CheckpointConfig(num_to_keep=None)))
     result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"{dataset}/{method_name}: training finished without a checkpoint")
-    with result.checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-    net = build_net(load_dataset(dataset, mixture_modes, mixture_seed), settings.net)
-    net.load_state_dict(state["ema"] if state["ema"] is not None else state["model"])
-    return net.eval(), state["history"]
+    by_run = {int(m["run"]): (ckpt, m) for ckpt, m in result.best_checkpoints}
+    missing = [f"{r['dataset']}/{r['method_name']}" for i, r in enumerate(runs) if i not in by_run]
+    if missing:
+        raise RuntimeError(f"Ray Train finished without checkpoints for: {', '.join(missing)}")
+    trained = []
+    for i, r in enumerate(runs):
+        checkpoint, metrics = by_run[i]
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+        net = build_net(load_dataset(r["dataset"], mixture_modes, mixture_seed), r["train"].net)
+        net.load_state_dict(state["ema"] if state["ema"] is not None else state["model"])
+        trained.append(TrainedRun(net.eval(), state["history"], float(metrics["train_s"])))
+    return trained

@@ -15,7 +15,7 @@ from twinflow.ray_env import connect
 from twinflow.study.config import StudyConfig
 from twinflow.study.datasets import Digits, Mixture2D
 from twinflow.study.metrics import DigitsJudge, mixture_floor, score_mixture
-from twinflow.study.ray_job import fit, load_dataset
+from twinflow.study.ray_job import fit_runs, load_dataset
 from twinflow.study.report import save_grids, write_markdown
 
 
@@ -76,28 +76,33 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     connect()
-    storage = out / "ray"
+    runs = [{"dataset": d, "method_name": m, "method": getattr(cfg.method, m), "train": getattr(cfg, d)}
+            for d in cfg.datasets for m in cfg.methods]
+    log(f"training {len(runs)} runs ({', '.join(r['dataset'] + '/' + r['method_name'] for r in runs)}) "
+        f"on {cfg.workers} Ray Train workers")
+    t0 = time.time()
+    trained = fit_runs(runs, cfg.workers, out / "ray", f"study-{time.strftime('%Y%m%d-%H%M%S')}",
+                       cfg.mixture.modes, cfg.mixture.seed)
+    log(f"training done in {time.time() - t0:.0f}s; evaluating")
+
     results: dict = {"config": to_dict(cfg)}
     reference: dict = {}
-    timing: dict = {}
-    runs = [(d, m) for d in cfg.datasets for m in cfg.methods]
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for i, (ds, method) in enumerate(runs, 1):
+    timing: dict = {"train_job_s": round(time.time() - t0, 1)}
+    judges: dict = {}
+    for run, tr in zip(runs, trained):
+        ds, method = run["dataset"], run["method_name"]
         data = load_dataset(ds, cfg.mixture.modes, cfg.mixture.seed)
-        judge = DigitsJudge.fit(data) if isinstance(data, Digits) else None
-        if ds not in results:
+        if ds not in judges:
+            judges[ds] = DigitsJudge.fit(data) if isinstance(data, Digits) else None
             results[ds] = {}
-            reference[ds] = reference_floor(data, cfg, judge)
-        log(f"[{i}/{len(runs)}] {ds}/{method}: training {getattr(cfg, ds).steps} steps on {cfg.workers} Ray Train workers")
-        t0 = time.time()
-        net, history = fit(ds, f"{method}-{stamp}", getattr(cfg.method, method), getattr(cfg, ds), cfg.workers,
-                           storage, cfg.mixture.modes, cfg.mixture.seed)
+            reference[ds] = reference_floor(data, cfg, judges[ds])
         t1 = time.time()
-        results[ds][method], samples = evaluate(net, method, data, cfg, judge)
-        timing[f"{ds}/{method}"] = {"train_s": round(t1 - t0, 1), "eval_s": round(time.time() - t1, 1),
-                                    "final_loss": history[-1].get("loss/total")}
+        results[ds][method], samples = evaluate(tr.net, method, data, cfg, judges[ds])
+        timing[f"{ds}/{method}"] = {"train_s": round(tr.train_s, 1), "eval_s": round(time.time() - t1, 1),
+                                    "final_loss": tr.history[-1].get("loss/total")}
         save_grids(out, ds, method, samples, data)
-        log(f"[{i}/{len(runs)}] {ds}/{method}: trained in {t1 - t0:.0f}s, evaluated in {time.time() - t1:.0f}s")
+        log(f"{ds}/{method}: evaluated in {time.time() - t1:.0f}s")
+    timing["total_s"] = round(time.time() - t0, 1)
     results["reference"] = reference
     results["timing"] = timing
     (out / "results.json").write_text(json.dumps(results, indent=2))
