@@ -125,6 +125,7 @@ class PoolConfig:
     ray_address: str = ""                             # "" = connect to a running cluster or start one
     max_attempts: int = 3                             # tries per shard (actor deaths and task errors)
     shard_timeout_s: float = 0.0                      # >0: a shard running longer kills its actor
+    concurrent_scoring: bool = True                   # run the benchmarks' scorer stages side by side
     generate: StageConfig = field(default_factory=StageConfig)
     geneval: StageConfig = field(default_factory=StageConfig)
     dpg: StageConfig = field(default_factory=StageConfig)

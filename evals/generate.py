@@ -115,12 +115,12 @@ def load_generator(folder: str | Path, kind: str = "auto", device: str = "cpu",
         except ImportError as exc:
             raise ImportError("generation.generator=twinflow needs twinflow.models.pipeline.TwinFlowQwenImagePipeline, "
                               f"which this install lacks ({exc}); use generation.generator=diffusers") from exc
-        pipe = TwinFlowQwenImagePipeline.from_pretrained(str(folder), torch_dtype=dtype)
+        pipe = TwinFlowQwenImagePipeline.from_pretrained(str(folder), dtype=dtype)
     else:
         import diffusers
 
         cls = getattr(diffusers, class_name, None) or diffusers.DiffusionPipeline
-        pipe = cls.from_pretrained(str(folder), torch_dtype=dtype)
+        pipe = cls.from_pretrained(str(folder), dtype=dtype)
     pipe = pipe.to(device)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)

@@ -98,15 +98,10 @@ class ShardPool:
 
         return ray.remote(self.actor_cls).options(**self.options).remote(*self.init_args)
 
-    def _start(self, n: int) -> None:
-        import ray
-
-        self.actors = [self._spawn() for _ in range(n)]
-        try:  # surface a model that cannot load as one clear error, not n retries later
-            ray.get([a.ready.remote() for a in self.actors])
-        except ray.exceptions.RayError as exc:
-            self.shutdown()
-            raise StageError(f"{self.name}: actors failed to start: {_cause(exc)}") from exc
+    def busy_actors(self) -> list[Any]:
+        """Handles of the actors working on a shard right now (a snapshot, for progress and tests)."""
+        return [self.actors[slot] for slot, *_ in list(getattr(self, "_inflight", {}).values())
+                if slot < len(self.actors)]
 
     def shutdown(self) -> None:
         import ray
@@ -120,8 +115,16 @@ class ShardPool:
 
     def run(self, shards: Sequence[Sequence[Any]], on_result: ResultFn, make_failed: FailFn,
             prepare: Callable[[Sequence[Any]], list] | None = None) -> PoolStats:
-        """``prepare(shard)`` builds the payload sent to the actor at dispatch time (e.g. reads the
-        images), so only the shards in flight are ever held in memory."""
+        """Process every shard; returns the stage's statistics.
+
+        ``prepare(shard)`` builds the payload sent to the actor at dispatch time (e.g. reads the
+        images), so only the shards in flight are ever held in memory.
+
+        Shards go only to actors whose ``ready()`` has returned, i.e. whose model is loaded. Actors
+        the cluster cannot place yet simply join later; a stage never parks a shard on an unplaced
+        actor, so two stages sharing a GPU pool cannot wait on each other. If the first actor to
+        report fails to load, the stage stops with one clear ``StageError``.
+        """
         import ray
 
         t_start = time.time()
@@ -129,30 +132,60 @@ class ShardPool:
         if not shards:
             return self.stats
         check_resources(self.options, self.name)
-        self._start(min(self.num_actors, len(shards)))
+        self.actors = [self._spawn() for _ in range(min(self.num_actors, len(shards)))]
+        starting: dict[Any, int] = {a.ready.remote(): i for i, a in enumerate(self.actors)}  # ref -> slot
         queue: deque[tuple[int, int]] = deque((i, 1) for i in range(len(shards)))
         inflight: dict[Any, tuple[int, int, int, float]] = {}  # ref -> (actor slot, shard, attempt, start)
-        idle = list(range(len(self.actors)))
+        self._inflight = inflight
+        idle: list[int] = []
+        any_ready = False
         replacements_left = self.max_attempts * max(1, len(self.actors))
+
+        def replace(slot: int, exc: BaseException) -> None:
+            nonlocal replacements_left
+            self.stats.actor_deaths += 1
+            if replacements_left <= 0:
+                raise StageError(f"{self.name}: actors keep dying ({self.stats.actor_deaths} deaths); "
+                                 f"last: {_cause(exc)}") from exc
+            replacements_left -= 1
+            try:
+                ray.kill(self.actors[slot], no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+            self.actors[slot] = self._spawn()
+            starting[self.actors[slot].ready.remote()] = slot
+
         try:
             while queue or inflight:
                 while queue and idle:
                     slot = idle.pop(0)
                     s, attempt = queue.popleft()
                     payload = prepare(shards[s]) if prepare else list(shards[s])
-                    ref = self.actors[slot].process.remote(payload)
-                    inflight[ref] = (slot, s, attempt, time.time())
+                    inflight[self.actors[slot].process.remote(payload)] = (slot, s, attempt, time.time())
                 timeout = None
-                if self.shard_timeout_s > 0:
+                if self.shard_timeout_s > 0 and inflight:
                     oldest = min(v[3] for v in inflight.values())
                     timeout = max(0.1, self.shard_timeout_s - (time.time() - oldest))
-                done, _ = ray.wait(list(inflight), num_returns=1, timeout=timeout)
-                if not done:  # a shard overran: treat its actor as hung
+                done, _ = ray.wait(list(inflight) + list(starting), num_returns=1, timeout=timeout)
+                if not done:  # a shard overran: treat its actor as hung (its task then fails as a death)
                     for ref, (slot, s, attempt, t0) in list(inflight.items()):
                         if time.time() - t0 >= self.shard_timeout_s:
                             ray.kill(self.actors[slot], no_restart=True)
                     continue
                 ref = done[0]
+                if ref in starting:
+                    slot = starting.pop(ref)
+                    try:
+                        ray.get(ref)
+                    except ray.exceptions.RayError as exc:
+                        if not any_ready:  # the model cannot load: one clear error, not n retries
+                            raise StageError(f"{self.name}: actors failed to start: {_cause(exc)}") from exc
+                        self.stats.errors.append(f"actor {slot} failed to start: {_cause(exc)}")
+                        replace(slot, exc)
+                        continue
+                    any_ready = True
+                    idle.append(slot)
+                    continue
                 slot, s, attempt, _ = inflight.pop(ref)
                 try:
                     records = ray.get(ref)
@@ -163,19 +196,9 @@ class ShardPool:
                     self._retry_or_fail(queue, shards, s, attempt, f"scorer raised: {_cause(exc)}", on_result, make_failed)
                     continue
                 except ray.exceptions.RayError as exc:  # died, OOM-killed, node lost: a new actor retries
-                    self.stats.actor_deaths += 1
                     self.stats.errors.append(f"actor died on shard {s} (attempt {attempt}): {_cause(exc)}")
                     log.warning("%s: actor %d died on shard %d (attempt %d); replacing it", self.name, slot, s, attempt)
-                    if replacements_left <= 0:
-                        raise StageError(f"{self.name}: actors keep dying ({self.stats.actor_deaths} deaths); "
-                                         f"last: {_cause(exc)}") from exc
-                    replacements_left -= 1
-                    try:
-                        ray.kill(self.actors[slot], no_restart=True)
-                    except Exception:  # noqa: BLE001 - already gone
-                        pass
-                    self.actors[slot] = self._spawn()
-                    idle.append(slot)
+                    replace(slot, exc)
                     self._retry_or_fail(queue, shards, s, attempt, f"actor died: {_cause(exc)}", on_result, make_failed)
                     continue
                 idle.append(slot)

@@ -21,8 +21,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -231,7 +233,13 @@ def _scorer_actor(plan: Plan, cfg: EvalConfig, device: str, threads: int) -> tup
         return GenEvalScorer, (plan.extra["config"], plan.extra["object_names"], device, threads)
     if plan.name == "dpg":
         return DPGScorer, (cfg.dpg.vqa, plan.scorer["vqa_model"], device, cfg.dpg.vqa_batch_size, threads)
-    return WISEScorer, (plan.extra["config"], device, threads)
+    wise_cfg = dict(plan.extra["config"])
+    # The judge key is read from the driver's environment and handed to the actors (which may run on
+    # other nodes without it); it is never written to settings, records or reports.
+    key = os.environ.get(cfg.wise.api_key_env, "") if cfg.wise.api_key_env else ""
+    if key:
+        wise_cfg["api_key"] = key
+    return WISEScorer, (wise_cfg, device, threads)
 
 
 def run_scoring(cfg: EvalConfig, plan: Plan, device: str, regenerated: set, hooks: Hooks) -> dict:
@@ -333,12 +341,22 @@ def evaluate(cfg: EvalConfig, checkpoint: str | Path | None = None, hooks: Hooks
     except StageError as exc:
         for p in plans:
             errors[p.name].append(str(exc))
-    results = {}
-    for p in plans:
+    def score(p: Plan) -> None:
         try:
             pools[p.name]["score"] = run_scoring(cfg, p, device, regenerated, hooks)
         except StageError as exc:
             errors[p.name].append(str(exc))
+
+    # Each benchmark is its own stage with its own actors and resources; side by side they overlap
+    # model loading and keep every eval GPU busy (a stage waits for resources, never deadlocks).
+    if cfg.pool.concurrent_scoring and len(plans) > 1:
+        with ThreadPoolExecutor(len(plans)) as ex:
+            list(ex.map(score, plans))
+    else:
+        for p in plans:
+            score(p)
+    results = {}
+    for p in plans:
         results[p.name] = summarize(cfg, p, ckpt, folder, gens[p.name], pools[p.name], errors[p.name])
         write_reports(p.out, p.name, results[p.name], _grid_rows(cfg, p))
     from evals.report import markdown

@@ -139,7 +139,7 @@ class WISEScorer:
                 extra.setdefault("chat_template_kwargs", {"enable_thinking": False})
             self.judge = ChatCompletionsJudge(base, cfg.get("api_model") or OFFICIAL_JUDGES[self.protocol],
                                               cfg.get("api_key_env", "OPENAI_API_KEY"), max_tokens,
-                                              float(cfg.get("timeout_s", 120)), extra)
+                                              float(cfg.get("timeout_s", 120)), extra, api_key=cfg.get("api_key"))
             self.workers = int(cfg.get("max_workers", 8))
             self.backoff = 1.0
         else:

@@ -101,10 +101,11 @@ class ChatCompletionsJudge:
     """POST {base_url}/chat/completions with the image as a PNG data URL; returns the reply text."""
 
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", max_tokens: int = 2000,
-                 timeout_s: float = 120.0, extra_body: dict[str, Any] | None = None):
+                 timeout_s: float = 120.0, extra_body: dict[str, Any] | None = None, api_key: str | None = None):
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
-        self.api_key = os.environ.get(api_key_env, "") if api_key_env else ""
+        # An explicit key (passed from the driver) wins over this process's environment.
+        self.api_key = api_key or (os.environ.get(api_key_env, "") if api_key_env else "")
         self.max_tokens = max_tokens
         self.timeout_s = timeout_s
         self.extra_body = dict(extra_body or {})
