@@ -54,10 +54,14 @@ class GenerationOptions:
     max_sequence_length: int = 0
     extra_call_kwargs: dict[str, Any] = field(default_factory=dict)
 
-    def call_kwargs(self) -> dict[str, Any]:
+    def call_kwargs(self, kind: str = "diffusers") -> dict[str, Any]:
         kw: dict[str, Any] = dict(self.extra_call_kwargs)
         if self.true_cfg_scale > 1:  # Qwen-Image's true CFG needs a negative prompt to activate
             kw.update(true_cfg_scale=self.true_cfg_scale, negative_prompt=self.negative_prompt)
+        elif kind == "diffusers":
+            # QwenImagePipeline defaults to true_cfg_scale=4.0 (inactive without a negative prompt,
+            # but it warns on every call); say "no CFG" explicitly.
+            kw["true_cfg_scale"] = self.true_cfg_scale
         if self.max_sequence_length:
             kw["max_sequence_length"] = self.max_sequence_length
         return kw
@@ -73,8 +77,9 @@ def pipeline_class_name(folder: str | Path) -> str:
 class PipelineGenerator:
     """Any diffusers-style pipeline called with prompt/height/width/num_inference_steps/generator."""
 
-    def __init__(self, pipe: Any, name: str, device: str, options: GenerationOptions):
+    def __init__(self, pipe: Any, name: str, device: str, options: GenerationOptions, kind: str = "diffusers"):
         self.pipe = pipe
+        self.kind = kind
         self.name = name
         self.device = device
         self.options = options
@@ -84,7 +89,7 @@ class PipelineGenerator:
 
         gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         out = self.pipe(prompt=list(prompts), height=int(size[0]), width=int(size[1]), num_inference_steps=int(nfe),
-                        generator=gens, output_type="pil", **self.options.call_kwargs())
+                        generator=gens, output_type="pil", **self.options.call_kwargs(self.kind))
         return list(out.images)
 
 
@@ -124,7 +129,7 @@ def load_generator(folder: str | Path, kind: str = "auto", device: str = "cpu",
     pipe = pipe.to(device)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
-    return PipelineGenerator(pipe, f"{kind}:{type(pipe).__name__}", device, options)
+    return PipelineGenerator(pipe, f"{kind}:{type(pipe).__name__}", device, options, kind)
 
 
 @dataclass

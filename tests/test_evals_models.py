@@ -109,7 +109,14 @@ def test_generator_seeds_are_per_image_and_layouts_match_the_official_scripts(mo
 
 
 def test_twinflow_generator_is_requested_explicitly_or_by_class_name(models, tmp_path):
-    from evals.generate import resolve_kind
+    from evals.generate import GenerationOptions, resolve_kind
+
+    # No CFG by default (TwinFlow's 1-NFE setting), said explicitly to diffusers' QwenImagePipeline,
+    # whose own default is true_cfg_scale=4.0; true CFG only with a negative prompt.
+    assert GenerationOptions().call_kwargs("diffusers") == {"true_cfg_scale": 1.0}
+    assert GenerationOptions().call_kwargs("twinflow") == {}
+    assert GenerationOptions(true_cfg_scale=4.0, max_sequence_length=64).call_kwargs("twinflow") == {
+        "true_cfg_scale": 4.0, "negative_prompt": " ", "max_sequence_length": 64}
 
     assert resolve_kind(models["qwen-image"], "auto") == "diffusers"
     fake = tmp_path / "tf"
