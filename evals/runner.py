@@ -172,12 +172,18 @@ def _check_settings(cfg: EvalConfig, plan: Plan, gen: dict) -> None:
     path.write_text(json.dumps({"generation": gen, "scorer": plan.scorer}, indent=2))
 
 
+def stage_device(stage: StageConfig, device: str) -> str:
+    """A stage runs on CUDA only when the pool does and the stage asks for GPUs (an API judge does not)."""
+    return "cuda" if device == "cuda" and stage.num_gpus > 0 else "cpu"
+
+
 def _stage_options(cfg: EvalConfig, stage: StageConfig, device: str) -> dict[str, Any]:
-    return actor_options(device, stage.num_cpus, stage.num_gpus, cfg.pool.eval_resource, stage.runtime_env)
+    return actor_options(stage_device(stage, device), stage.num_cpus, stage.num_gpus, cfg.pool.eval_resource,
+                         stage.runtime_env)
 
 
 def _threads(stage: StageConfig, device: str) -> int:
-    return max(1, int(stage.num_cpus)) if device == "cpu" else 0
+    return max(1, int(stage.num_cpus)) if stage_device(stage, device) == "cpu" else 0
 
 
 def _chunks(seq: list, n: int) -> list[list]:
@@ -220,7 +226,8 @@ def run_generation(cfg: EvalConfig, plans: list[Plan], folder: Path, device: str
     options = GenerationOptions(g.dtype, g.true_cfg_scale, g.negative_prompt, g.max_sequence_length,
                                 dict(g.extra_call_kwargs))
     pool = ShardPool("generate", GenerationActor,
-                     (str(folder), g.generator, device, options, st.batch_size, _threads(st, device)),
+                     (str(folder), g.generator, stage_device(st, device), options, st.batch_size,
+                      _threads(st, device)),
                      _stage_options(cfg, st, device), st.num_actors, cfg.pool.max_attempts, cfg.pool.shard_timeout_s)
     stats = pool.run(shards, on_result, make_failed)
     return stats.as_dict(), regenerated
@@ -279,7 +286,9 @@ def run_scoring(cfg: EvalConfig, plan: Plan, device: str, regenerated: set, hook
         nfe, it = entry
         return {"benchmark": plan.name, "nfe": nfe, "key": it.key, "status": "failed", "error": error, "data": {}}
 
-    actor_cls, init_args = _scorer_actor(plan, cfg, device, _threads(stage, device))
+    if plan.name == "wise" and cfg.wise.judge == "local" and device == "cuda" and stage.num_gpus == 0:
+        log.warning("wise: the local judge runs on CPU; set pool.wise.num_gpus=1 to put it on a GPU")
+    actor_cls, init_args = _scorer_actor(plan, cfg, stage_device(stage, device), _threads(stage, device))
     pool = ShardPool(plan.name, actor_cls, init_args, _stage_options(cfg, stage, device), stage.num_actors,
                      cfg.pool.max_attempts, cfg.pool.shard_timeout_s)
     return pool.run(shards, on_result, make_failed, prepare).as_dict()

@@ -226,6 +226,12 @@ def test_gpu_actors_request_the_eval_resource_and_missing_resources_fail_fast(ra
     with pytest.raises(StageError, match="0 GPU"):
         check_resources({"num_cpus": 1, "num_gpus": 1}, "geneval")
     check_resources(cpu | {"num_cpus": 1}, "geneval")
+    from evals.runner import stage_device
+
+    # An API-judge stage asks for no GPU and so runs on CPU even in a GPU pool.
+    assert stage_device(StageConfig(num_gpus=0.0), "cuda") == "cpu"
+    assert stage_device(StageConfig(num_gpus=1.0), "cuda") == "cuda"
+    assert stage_device(StageConfig(num_gpus=1.0), "cpu") == "cpu"
 
 
 def test_job_command_line_dry_run_and_errors(tmp_path):
