@@ -55,3 +55,13 @@ def test_one_nfe_few_style_is_the_endpoint_inversion():
     t = torch.full((10,), 0.999)
     expected = z - 0.999 * net(z, t, torch.zeros(10))
     torch.testing.assert_close(sample(net, z, None, few_step(1)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_per_row_generators_make_each_row_independent_of_its_batch():
+    net = ToyMLP(width=32, depth=2)
+    noise = torch.randn(3, 2, generator=torch.Generator().manual_seed(0))
+    batch = sample(net, noise, None, few_step(4), [torch.Generator().manual_seed(s) for s in (7, 8, 9)])
+    alone = sample(net, noise[1:2], None, few_step(4), [torch.Generator().manual_seed(8)])
+    torch.testing.assert_close(batch[1:2], alone)
+    with pytest.raises(ValueError, match="2 generators for a batch of 3"):
+        sample(net, noise, None, few_step(4), [torch.Generator(), torch.Generator()])

@@ -63,10 +63,23 @@ def time_grid(cfg: SamplerConfig) -> torch.Tensor:
     return torch.cat([1 - u, torch.zeros(1, dtype=torch.float64)])
 
 
+def _noise_like(x: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != x.shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}")
+        return torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype) for g in generator])
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
 @torch.no_grad()
 def sample(net: VelocityFn, noise: torch.Tensor, cond: Any, cfg: SamplerConfig,
-           generator: torch.Generator | None = None, model_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Integrate from ``noise`` (t = 1) to data; returns float32. Deterministic given ``generator``."""
+           generator: torch.Generator | list[torch.Generator] | None = None,
+           model_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Integrate from ``noise`` (t = 1) to data; returns float32. Deterministic given ``generator``.
+
+    A list of generators (one per row) makes each row's re-noising depend on its own seed only,
+    so an image does not change with the batch it is generated in.
+    """
     grid = time_grid(cfg)
     dtype = model_dtype or noise.dtype
     x = noise.to(torch.float64)
@@ -81,7 +94,7 @@ def sample(net: VelocityFn, noise: torch.Tensor, cond: Any, cfg: SamplerConfig,
         x_hat = x - ti * f
         z_hat = x + (1 - ti) * f
         if rho > 0 and tn > 0:
-            eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float64)
+            eps = _noise_like(x, generator)
             z_hat = (1 - rho) ** 0.5 * z_hat + rho**0.5 * eps
         x = (1 - tn) * x_hat + tn * z_hat
     return x.float()

@@ -118,7 +118,8 @@ class TwinFlowQwenImagePipeline(QwenImagePipeline):
     @torch.no_grad()
     def __call__(self, prompt: str | list[str] | None = None, height: int | None = None, width: int | None = None,
                  num_inference_steps: int | None = None,
-                 generator: torch.Generator | None = None, sampler: SamplerConfig | None = None,
+                 generator: torch.Generator | list[torch.Generator] | None = None,
+                 sampler: SamplerConfig | None = None,
                  num_images_per_prompt: int = 1, latents: torch.Tensor | None = None,
                  prompt_embeds: torch.Tensor | None = None, prompt_embeds_mask: torch.Tensor | None = None,
                  max_sequence_length: int = 512, output_type: str = "pil", return_dict: bool = True):
@@ -126,8 +127,9 @@ class TwinFlowQwenImagePipeline(QwenImagePipeline):
 
         num_inference_steps  NFE (1, 2, 4, …); None uses ``default_steps``. The grid comes from the
                              folder's ``sampler_presets`` unless ``sampler`` is given.
-        generator            one ``torch.Generator`` (CPU or on the device): fixes the noise and
-                             the sampler's re-noising, so the same seed gives the same images.
+        generator            a ``torch.Generator`` (CPU or on the device) fixing the noise and the
+                             sampler's re-noising, or one per image (as in diffusers) so that each
+                             image depends on its own seed only, whatever batch it is made in.
         latents              optional starting noise, normalised-latent layout [B, C, h, w].
         output_type          "pil", "np", "pt" ([B, 3, H, W] in [0, 1]) or "latent" (the normalised
                              latents [B, C, h, w], unpacked — unlike QwenImagePipeline's packed ones).
@@ -136,8 +138,6 @@ class TwinFlowQwenImagePipeline(QwenImagePipeline):
         width = width or self.default_sample_size * self.vae_scale_factor
         self.check_inputs(prompt, height, width, prompt_embeds=prompt_embeds, prompt_embeds_mask=prompt_embeds_mask,
                           max_sequence_length=max_sequence_length)
-        if isinstance(generator, list):
-            raise ValueError("pass one torch.Generator (the sampler draws batch-wide noise), not a list")
         if sampler is not None:
             if num_inference_steps is not None and num_inference_steps != sampler.steps:
                 raise ValueError(f"num_inference_steps={num_inference_steps} disagrees with sampler.steps="
@@ -173,8 +173,13 @@ class TwinFlowQwenImagePipeline(QwenImagePipeline):
             noise = latents.to(device=device, dtype=torch.float32)
 
         velocity = QwenImageVelocity(self.transformer)
-        x = sample(velocity, noise, cond, cfg, generator=_on_device(generator, device),
-                   model_dtype=velocity.compute_dtype)
+        if isinstance(generator, list):
+            if len(generator) != batch:
+                raise ValueError(f"got {len(generator)} generators for {batch} images")
+            sampler_gen = [_on_device(g, device) for g in generator]
+        else:
+            sampler_gen = _on_device(generator, device)
+        x = sample(velocity, noise, cond, cfg, generator=sampler_gen, model_dtype=velocity.compute_dtype)
 
         if output_type == "latent":
             images = x
