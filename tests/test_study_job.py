@@ -59,4 +59,4 @@ def test_dry_run_prints_the_resolved_config():
     proc = subprocess.run([sys.executable, str(ROOT / "jobs/small_scale_study.py"), "--quick", "--lam", "0.25",
                            "--dry-run"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "lam: 0.25" in proc.stdout and "steps: 600" in proc.stdout
+    assert "lam: 0.25" in proc.stdout and "steps: 800" in proc.stdout

@@ -87,11 +87,12 @@ def full() -> StudyConfig:
 def quick() -> StudyConfig:
     """Minutes on 2 cores: short runs, smaller evaluation. For CI and ``make demo``, not for conclusions."""
     cfg = StudyConfig(out="runs/study-quick")
-    cfg.digits.steps = 600
-    cfg.mixture2d.steps = 800
-    cfg.digits.log_every = cfg.mixture2d.log_every = 100
+    cfg.digits.steps = 800
+    cfg.mixture2d.steps = 2500
     cfg.digits.net = NetSettings(width=128, depth=3)
-    cfg.mixture2d.net = NetSettings(width=128, depth=3)
+    for s in (cfg.digits, cfg.mixture2d):
+        s.log_every = 100
+        s.ema_decay = 0.99  # a 0.999 average would still remember the initial weights
     cfg.eval = EvalSettings(nfe=[1, 2, 4, 100], seeds=1, mixture_samples=5000)
     return cfg
 
