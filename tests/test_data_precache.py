@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from pyarrow.fs import FileSelector
+from pyarrow.fs import FileSelector, FileType
 
 from twinflow.config import ConfigError, dump_yaml
 from twinflow.data import (DatasetConfig, EncodeConfig, PrecacheConfig, iter_decoded, iter_training_batches,
@@ -95,7 +95,7 @@ def test_cache_equals_encoding_directly_with_diffusers(cached, tiny_model):
         for row in rows:
             img, text = decoded[row["key"]]
             assert row["text"] == text
-            x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+            x = torch.from_numpy(img.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1.0
             want = (pipe.vae.encode(x[:, :, None]).latent_dist.mean[:, :, 0] - mean) / std
             got = bytes_to_tensor(row["latents"], "float32", row["latents_shape"])
             torch.testing.assert_close(got, want[0], atol=1e-5, rtol=1e-5)
@@ -136,13 +136,18 @@ def _load_job():
     return module
 
 
+def _part_files(fs, out: str) -> dict[str, int]:
+    return {i.path: i.mtime_ns for i in fs.get_file_info(FileSelector(f"{out}/{PARTS_DIR}", recursive=True))
+            if i.type == FileType.File}
+
+
 def test_resume_skips_finished_shards_and_redoes_only_a_lost_one(cached, s3_env, tmp_path, capsys):
     cfg, fs = cached["cfg"], cached["fs"]
     out = cfg.output.removeprefix("s3://")
     yaml_path = tmp_path / "precache.yaml"
     yaml_path.write_text(dump_yaml(cfg))
     job = _load_job()
-    parts_before = {i.path: i.mtime_ns for i in fs.get_file_info(FileSelector(f"{out}/{PARTS_DIR}", recursive=True))}
+    parts_before = _part_files(fs, out)
 
     # 1) everything is cached: the job (run through its entry point) encodes nothing. (--preset tiny:
     # a YAML "{}" cannot empty the default preset's decode_resources={twinflow_data: 1}.)
@@ -152,20 +157,23 @@ def test_resume_skips_finished_shards_and_redoes_only_a_lost_one(cached, s3_env,
     assert summary["encoded_shards"] == 0 and summary["reused_shards"] == 3 and summary["rows"] == 24
 
     # 2) a crash after shard-00001's parts were written but before its commit marker: its marker is
-    #    gone and a half-written part lies there. Only that shard is redone; the stray part is not counted.
+    #    gone and a half-written part lies there. And shard-00002's parts were deleted by hand (its
+    #    marker left behind). Only these two are redone; the stray part is not counted.
     fs.delete_file(f"{out}/{MARKERS_DIR}/shard-00001.json")
     with fs.open_output_stream(f"{out}/{PARTS_DIR}/shard-00001/part-halfwritten.parquet") as f:
         f.write(b"PAR1 truncated")
+    fs.delete_dir(f"{out}/{PARTS_DIR}/shard-00002")
     assert job.main(args) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["encoded_shards"] == 1 and summary["reused_shards"] == 2 and summary["rows"] == 24
-    parts_after = {i.path: i.mtime_ns for i in fs.get_file_info(FileSelector(f"{out}/{PARTS_DIR}", recursive=True))}
+    assert summary["encoded_shards"] == 2 and summary["reused_shards"] == 1 and summary["rows"] == 24
+    parts_after = _part_files(fs, out)
     assert not any("halfwritten" in p for p in parts_after)
     for path, mtime in parts_before.items():
-        if "/shard-00001/" in path:
-            assert path not in parts_after  # redone under new part names
-        else:
+        if "/shard-00000/" in path:
             assert parts_after[path] == mtime  # untouched
+        else:
+            assert path not in parts_after  # redone under new part names
+    assert any("/shard-00002/" in p for p in parts_after)
     ds, manifest = read_latent_cache(cfg.output, fs)
     assert ds.count() == 24 and manifest.counts == cached["result"].manifest.counts
 

@@ -50,7 +50,7 @@ class QwenImageEncoder:
             skip["vae"] = None
         if not load_text:
             skip.update(text_encoder=None, tokenizer=None)
-        self.pipe = QwenImagePipeline.from_pretrained(model_path, torch_dtype=self.dtype, **skip)
+        self.pipe = QwenImagePipeline.from_pretrained(model_path, dtype=self.dtype, **skip)
         self.pipe.to(self.device)
         self.model_path = str(model_path)
         if load_vae:

@@ -240,10 +240,19 @@ def _commit(fs, root: str, shard: Shard, stats: dict, parts: list[dict], fp: str
     return marker
 
 
-def _done_shards(shards: list[Shard], markers: dict[str, dict], fp: str) -> set[str]:
-    """Shards whose commit marker matches both the shard's files and the run's settings."""
+def _existing_parts(fs, root: str) -> set[str]:
+    pdir = join(root, PARTS_DIR)
+    if not exists(fs, pdir):
+        return set()
+    return {info.path[len(root):].lstrip("/") for info in list_files(fs, pdir)}
+
+
+def _done_shards(shards: list[Shard], markers: dict[str, dict], fp: str, parts: set[str]) -> set[str]:
+    """Shards whose commit marker matches the shard's files and the run's settings, and whose
+    part files are all still there (a shard whose parts were deleted is redone)."""
     return {s.id for s in shards if s.id in markers and markers[s.id]["fingerprint"] == s.fingerprint
-            and markers[s.id].get("settings_fingerprint") == fp}
+            and markers[s.id].get("settings_fingerprint") == fp
+            and all(p["path"] in parts for p in markers[s.id]["parts"])}
 
 
 def plan_precache(cfg: PrecacheConfig, *, filesystem_in=None, filesystem_out=None) -> dict:
@@ -253,7 +262,7 @@ def plan_precache(cfg: PrecacheConfig, *, filesystem_in=None, filesystem_out=Non
     shards = list_shards(cfg.data, fs_in, root_in)
     settings = settings_of(cfg)
     settings["model_path"] = resolve_model_path(cfg.encode.model_path, build=False)
-    done = _done_shards(shards, _read_markers(fs_out, root), fingerprint(settings))
+    done = _done_shards(shards, _read_markers(fs_out, root), fingerprint(settings), _existing_parts(fs_out, root))
     return {"source": cfg.data.source, "format": detect_format(cfg.data, fs_in, root_in), "shards": len(shards),
             "cached": len(done), "to_encode": len(shards) - len(done), "output": cfg.output}
 
@@ -275,7 +284,7 @@ def run_precache(cfg: PrecacheConfig, *, filesystem_in=None, filesystem_out=None
     _claim_output(fs_out, root, settings, fp, cfg.overwrite)
 
     markers = _read_markers(fs_out, root)
-    done = _done_shards(shards, markers, fp)
+    done = _done_shards(shards, markers, fp, _existing_parts(fs_out, root))
     pending = [s for s in shards if s.id not in done]
     log(f"precache: {len(shards)} shards in {cfg.data.source}; {len(done)} already cached, {len(pending)} to encode")
 
@@ -318,7 +327,7 @@ def _encode_pending(cfg, pending, fs_in, fs_out, root, fp, model_path, device, a
     ledger = new_ledger()
     ds = read_image_text(cfg.data, filesystem=fs_in, shards=pending, ledger=ledger)
     ds = ds.map_batches(EncodeActor, batch_size=cfg.encode.batch_size, batch_format="numpy",
-                        concurrency=cfg.encode.concurrency,
+                        compute=ray.data.ActorPoolStrategy(size=cfg.encode.concurrency),
                         fn_constructor_kwargs={"model_path": model_path, "device": device, "dtype": cfg.encode.dtype,
                                                "max_sequence_length": cfg.encode.max_sequence_length,
                                                "cache_dtype": cfg.cache_dtype,
