@@ -19,13 +19,16 @@ from twinflow.config.errors import require
 from twinflow.models.lora import LoraSettings
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+# Names of tiny_qwen.TINY_PRESETS: jobs build these random-weight models into a cache folder.
+_TINY_NAMES = ("tiny", "tiny-qwen")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass
 class QwenImageModelConfig:
     path: str = "Qwen/Qwen-Image"
-    """A diffusers Qwen-Image pipeline: local folder or hub id (a TwinFlow export works too)."""
+    """A diffusers Qwen-Image pipeline: local folder or hub id (a TwinFlow export works too); "tiny" /
+    "tiny-qwen" name the random-weight test models that jobs build on first use."""
     subfolder: str = "transformer"
     mode: Literal["lora", "full"] = "lora"
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -44,7 +47,9 @@ class QwenImageModelConfig:
         p = path or "model"
         require(bool(self.path), f"{p}.path", "set it to a diffusers Qwen-Image folder or hub id (Qwen/Qwen-Image)")
         local = Path(self.path).expanduser()
-        if local.exists():
+        if self.path in _TINY_NAMES and not local.exists():
+            pass  # a random-weight test model the job builds on first use (models/tiny_qwen.py)
+        elif local.exists():
             require(local.is_dir() and ((local / "model_index.json").exists()
                                         or (local / self.subfolder / "config.json").exists()),
                     f"{p}.path", f"{self.path} is not a diffusers pipeline folder (no model_index.json or "

@@ -1,0 +1,94 @@
+"""Our config → a DeepSpeed config dict, and the LR schedule DeepSpeed steps for us.
+
+DeepSpeed owns gradient accumulation (``engine.backward``/``engine.step`` per micro-batch; the
+optimizer steps at the boundary), clipping, ZeRO partitioning and checkpoint shards. What it is
+told comes only from here, so ``--dry-run`` can print exactly the dict the workers will use.
+
+Choices that are not DeepSpeed defaults, and why:
+  zero_allow_untested_optimizer   a client torch.optim.AdamW under ZeRO (no fused-op JIT build)
+  bf16.check_grad_overflow        a non-finite gradient skips the step on every rank (NaN handling)
+  stage3_gather_16bit_weights_on_model_save   ZeRO-3 export gathers whole weights on rank 0
+  steps_per_print 1e9             our tracker logs; DeepSpeed's own prints would flood job logs
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+from twinflow.train.config import OptimConfig, TrainConfig
+
+
+def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
+    ds = cfg.deepspeed
+    zero: dict[str, Any] = {"stage": ds.zero_stage, "overlap_comm": cfg.scaling.use_gpu,
+                            "contiguous_gradients": True}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.scaling.use_gpu}
+    if ds.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+        if ds.offload_params:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": cfg.scaling.use_gpu}
+        if ds.param_persistence_threshold is not None:
+            zero["stage3_param_persistence_threshold"] = int(ds.param_persistence_threshold)
+            zero["model_persistence_threshold"] = int(ds.param_persistence_threshold)
+    out: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": ds.micro_batch_per_gpu,
+        "gradient_accumulation_steps": ds.gradient_accumulation,
+        "train_batch_size": cfg.layout.global_batch,
+        "gradient_clipping": ds.gradient_clipping,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.precision == "bf16", "check_grad_overflow": True},
+        "fp16": {"enabled": False},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if ds.optimizer == "deepspeed":
+        o = cfg.optim
+        out["optimizer"] = {"type": "AdamW", "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps,
+                                                        "weight_decay": o.weight_decay}}
+    return _merge(out, ds.extra)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+class LrSchedule:
+    """Multiplier of optim.lr per optimizer step: linear warm-up, then constant or cosine.
+
+    A plain object (not a lambda) so that ``LambdaLR.state_dict`` — saved in every DeepSpeed
+    checkpoint — carries it, and a resumed run continues the same curve.
+    """
+
+    def __init__(self, optim: OptimConfig, max_steps: int):
+        self.schedule = optim.schedule
+        self.warmup = int(optim.warmup_steps)
+        self.floor = float(optim.min_lr_ratio)
+        self.max_steps = int(max_steps)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / (self.warmup + 1)
+        if self.schedule == "constant":
+            return 1.0
+        span = max(1, self.max_steps - self.warmup)
+        progress = min(1.0, (step - self.warmup) / span)
+        return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def lr_scheduler_factory(cfg: TrainConfig):
+    """What ``deepspeed.initialize(lr_scheduler=...)`` takes: optimizer -> LambdaLR."""
+    schedule = LrSchedule(cfg.optim, cfg.run.max_steps)
+
+    def make(optimizer):
+        from torch.optim.lr_scheduler import LambdaLR
+
+        return LambdaLR(optimizer, schedule)
+
+    return make

@@ -1,0 +1,357 @@
+"""The Ray Train worker loop: one rank of a DeepSpeed data-parallel TwinFlow run.
+
+Per optimizer step, for each of the ``gradient_accumulation`` micro-batches: allocate this rank's
+rows to the TwinFlow blocks over the *global* batch (``allocate_micro_batch`` with the rank and
+accumulation index, ``LossNorm.global_``), run the objective, ``engine.backward``,
+``engine.step`` (DeepSpeed accumulates and steps the optimizer at the boundary). Then one
+all-reduce of the step's statistics: per-block loss sums and counts, Δv norm, the non-finite
+flags; every rank derives the same metrics and the same decisions from it, so no rank ever takes
+a branch with a collective the others skip.
+
+Non-finite losses: the rank's loss is turned into NaN before backward, so the gradients are NaN
+and DeepSpeed's own overflow check (all-reduced inside the optimizer) discards the step on every
+rank; the step is counted as skipped, its data consumed, the teacher not updated, the LR schedule
+not advanced. ``run.nan_limit`` skipped steps in a row end the run cleanly; the driver then exits
+with a message (a raise here would only make Ray Train restart into the same NaNs).
+
+Checkpoints: every rank writes its DeepSpeed shard and its RNG state into a temp dir and calls
+``ray.train.report`` with it (Ray merges the ranks' files); see train/state.py for the layout.
+Resume restores weights, optimizer, LR schedule, EMA teacher, step, data position and RNG streams,
+with the barrier inside ``checkpoint.as_directory()`` (Ray PR #57118).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from twinflow.config.tree import from_dict, to_dict
+from twinflow.method.blocks import LossNorm, allocate_micro_batch
+from twinflow.method.objective import TwinFlowObjective
+from twinflow.models.qwen_encode import expand_condition
+from twinflow.train.batches import MicroBatches
+from twinflow.train.config import TrainConfig
+from twinflow.train.faults import Faults
+from twinflow.train.state import (SAMPLES_DIR, TrainState, check_complete, mark_complete, read_rank_state,
+                                  restore_rng, seed_everything, tag_for, write_rank_state, write_shared_state)
+
+STAT_KEYS = ("loss/total", "loss/one_step", "loss/near_diag", "loss/any_step", "loss/fake", "loss/rectify",
+             "dv_norm", "fake_norm")
+_EXTRA = ("bad_loss", "skipped", "data_wait_s")  # appended after the (sum, count) pairs
+
+
+def train_loop_per_worker(payload: dict) -> dict:
+    """Ray Train entry point (train/trainer.py builds ``payload``); returns rank 0's summary."""
+    return Worker(payload).run()
+
+
+class Worker:
+    def __init__(self, payload: dict):
+        import ray.train
+
+        self.cfg: TrainConfig = from_dict(TrainConfig, payload["config"])
+        self.model_path: str = payload["model_path"]
+        self.spec = payload["batch_spec"]
+        self.storage = payload["storage"]
+        self.data_fs = payload.get("data_filesystem")
+        self.mlflow_uri = payload.get("mlflow_uri")
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.faults = Faults(self.cfg.debug, self.rank)
+        self.state = TrainState()
+        self.tracker = None
+
+    # ------------------------------------------------------------------ setup
+
+    def _device(self) -> torch.device:
+        if self.cfg.scaling.use_gpu:
+            import ray.train.torch
+
+            device = ray.train.torch.get_device()
+            torch.cuda.set_device(device)
+            return device
+        return torch.device("cpu")
+
+    def _threads(self) -> int:
+        s = self.cfg.scaling
+        if s.threads_per_worker:
+            return s.threads_per_worker
+        return max(1, int(s.resources_per_worker.get("CPU", 1)))
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        torch.set_num_threads(self._threads())
+        if not cfg.scaling.use_gpu:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed
+
+        from twinflow.models.lora import make_qwen_teacher
+        from twinflow.train.ds_config import deepspeed_config
+        from twinflow.train.engine import CallEqualizer, build_engine, max_network_calls
+
+        self.device = self._device()
+        # Ray's TorchBackend already set up the process group; DeepSpeed adopts it.
+        deepspeed.init_distributed(dist_backend="nccl" if cfg.scaling.use_gpu else "gloo")
+        seed_everything(cfg.run.seed + 7919 * self.rank)
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.run.seed * 1_000_003 + self.rank)
+        self.engine, self.velocity = build_engine(cfg, self.model_path, deepspeed_config(cfg))
+        # Built before a checkpoint is restored: a frozen teacher must hold the *initial* weights.
+        self.teacher = make_qwen_teacher(cfg.twinflow.teacher, self.velocity, cfg.twinflow.teacher_ema_decay)
+        self.objective = TwinFlowObjective(cfg.twinflow)
+        self.equalizer = (CallEqualizer(self.velocity, max_network_calls(cfg.twinflow))
+                          if cfg.deepspeed.zero_stage == 3 else None)
+        self.uncond = self._uncond()
+
+    def _encoder(self):
+        from twinflow.data.encode import cached_encoder
+
+        s = self.spec
+        return cached_encoder(s.model_path, s.encode_device, s.encode_dtype, s.max_sequence_length)
+
+    def _uncond(self) -> dict[str, torch.Tensor]:
+        if self.spec.kind == "raw":
+            cond = self._encoder().uncond()
+        else:
+            from twinflow.data.cache import load_uncond
+
+            cond = load_uncond(self.cfg.data.source, self.data_fs)
+        return {k: v.to(self.device) for k, v in cond.items()}
+
+    def restore(self) -> bool:
+        import ray.train
+        import torch.distributed as dist
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return False
+        from twinflow.train.engine import reset_lr_schedule
+
+        with checkpoint.as_directory() as d:
+            shared = check_complete(d, self.world)
+            self.engine.load_checkpoint(d, tag=shared["tag"], load_module_strict=not self.cfg.is_lora,
+                                        load_optimizer_states=True, load_lr_scheduler_states=True)
+            reset_lr_schedule(self.engine, self.cfg)
+            self.state = TrainState.from_dict(shared["state"])
+            if shared["teacher"] is not None and hasattr(self.teacher, "load_state_dict"):
+                self.teacher.load_state_dict(shared["teacher"])
+            restore_rng(read_rank_state(d, self.rank)["rng"], self.generator)
+            # Inside the block: no rank may leave (and delete a downloaded copy) while others read.
+            dist.barrier()
+        if self.rank == 0:
+            print(f"[twinflow] resumed from {checkpoint.path} at step {self.state.step} (epoch {self.state.epoch}, "
+                  f"micro-batch {self.state.micro_in_epoch})", file=sys.stderr, flush=True)
+        return True
+
+    # ------------------------------------------------------------------ one optimizer step
+
+    def train_step(self, step: int) -> dict:
+        cfg, engine = self.cfg, self.engine
+        weights, layout = cfg.twinflow.weights(), cfg.layout
+        norm = LossNorm.global_(weights, layout)
+        t0 = time.perf_counter()
+        lr = float(engine.get_lr()[0])
+        sums = torch.zeros(2 * len(STAT_KEYS) + len(_EXTRA), dtype=torch.float64)
+        bad = 0
+        for accum in range(layout.accum_steps):
+            batch = self.data.next()
+            x = batch["latents"]
+            cond = {"prompt_embeds": batch["prompt_embeds"], "prompt_mask": batch["prompt_mask"]}
+            ids = allocate_micro_batch(weights, layout, self.rank, accum, self.state.step)
+            out = self.objective(engine, x, cond, ids, uncond=expand_condition(self.uncond, x.shape[0]),
+                                 teacher=self.teacher, model_nograd=self.velocity, generator=self.generator, norm=norm)
+            if self.equalizer is not None:
+                self.equalizer.pad(x, cond)
+            loss = self.faults.loss(step, accum, out.loss)
+            if not bool(torch.isfinite(loss.detach())):
+                bad += 1
+                loss = loss * float("nan")  # NaN gradients: DeepSpeed's overflow check drops the step everywhere
+            engine.backward(loss)
+            engine.step()
+            for i, key in enumerate(STAT_KEYS):
+                if key in out.stats:
+                    s, c = out.stats[key]
+                    sums[2 * i] += float(s)
+                    sums[2 * i + 1] += float(c)
+        applied = engine.was_step_applied()
+        if bad and applied:
+            raise RuntimeError(f"step {step}: DeepSpeed applied a step whose loss was not finite; refusing to "
+                               f"continue with corrupted weights")
+        base = 2 * len(STAT_KEYS)
+        sums[base] = bad
+        sums[base + 1] = 0 if applied else 1
+        sums[base + 2] = self.data.take_wait()
+        sums = self._all_reduce(sums)
+        dt = time.perf_counter() - t0
+        row: dict = {"step": step, "epoch": self.data.epoch, "lr": lr}
+        for i, key in enumerate(STAT_KEYS):
+            if sums[2 * i + 1] > 0:
+                row[key] = float(sums[2 * i] / sums[2 * i + 1])
+        skipped = bool(sums[base + 1] > 0)
+        grad_norm = engine.get_global_grad_norm()
+        row.update({"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                    "images_per_s": layout.global_batch / dt, "step_time_s": dt,
+                    "data_wait_s": float(sums[base + 2]) / self.world, "step_skipped": int(skipped),
+                    "bad_loss_ranks_x_micro": int(sums[base]), "peak_mem_gb": _peak_memory_gb(self.device)})
+        st = self.state
+        if skipped:
+            st.skipped_steps += 1
+            st.nan_streak += 1
+        else:
+            st.nan_streak = 0
+            self.teacher.update(self.velocity)
+        st.step = step
+        st.epoch, st.micro_in_epoch = self.data.epoch, self.data.index
+        st.samples_seen += layout.global_batch
+        row.update({"skipped_steps": st.skipped_steps, "nan_streak": st.nan_streak, "samples_seen": st.samples_seen})
+        return row
+
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        if self.world == 1:
+            return t
+        dev = self.device if self.cfg.scaling.use_gpu else torch.device("cpu")
+        t = t.to(dev)
+        dist.all_reduce(t)
+        return t.cpu()
+
+    # ------------------------------------------------------------------ checkpoints, samples, export
+
+    def render_grid(self):
+        if self.samples is None:
+            return None
+        return self.samples.render(self.velocity)
+
+    def save_checkpoint(self, row: dict, grid) -> None:
+        import ray.train
+
+        step = self.state.step
+        tag = tag_for(step)
+        with tempfile.TemporaryDirectory(prefix="twinflow-ckpt-") as tmp:
+            self.engine.save_checkpoint(tmp, tag=tag, client_state={"twinflow_step": step},
+                                        exclude_frozen_parameters=self.cfg.is_lora)
+            write_rank_state(tmp, self.rank, self.generator)
+            if self.rank == 0:
+                if grid is not None:
+                    png = Path(tmp) / SAMPLES_DIR / f"step_{step:08d}.png"
+                    png.parent.mkdir(parents=True, exist_ok=True)
+                    grid.save(png)
+                    self.tracker.log_image(step, grid, str(png))
+                teacher_state = self.teacher.state_dict() if hasattr(self.teacher, "state_dict") else None
+                write_shared_state(tmp, self.state, teacher_state, self.world, tag, to_dict(self.cfg))
+                self.tracker.sync()
+            self.faults.in_checkpoint(step)
+            mark_complete(tmp, self.rank)
+            ray.train.report(_ray_metrics(row), checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=f"checkpoint_{tag}")
+
+    def save_extra_grid(self, step: int, grid) -> None:
+        if self.rank != 0 or grid is None:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            png = Path(tmp) / f"step_{step:08d}.png"
+            grid.save(png)
+            self.storage.write_bytes(png.read_bytes(), SAMPLES_DIR, png.name)
+            self.tracker.log_image(step, grid, str(png))
+
+    def export(self, grid) -> str | None:
+        import torch.distributed as dist
+
+        from twinflow.train.export import gather_transformer, write_final
+
+        transformer = gather_transformer(self.engine, self.cfg, self.rank, self.model_path)
+        uri = None
+        if self.rank == 0:
+            teacher_state = self.teacher.state_dict() if hasattr(self.teacher, "state_dict") else None
+            with tempfile.TemporaryDirectory(prefix="twinflow-final-") as tmp:
+                write_final(transformer, self.cfg, self.model_path, tmp, self.state.history, teacher_state, grid)
+                uri = self.storage.upload_dir(tmp, "final")
+        if self.world > 1:
+            dist.barrier()
+        return uri
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self) -> dict:
+        import ray.train
+
+        from twinflow.train.samples import SampleGrid
+        from twinflow.train.tracking import Tracker
+
+        cfg = self.cfg
+        self.setup()
+        resumed = self.restore()
+        st = self.state
+        self.data = MicroBatches(ray.train.get_dataset_shard("train"), self.spec, self.device, st.epoch,
+                                 st.micro_in_epoch)
+        self.samples = None
+        if cfg.sample.enabled:
+            self.samples = SampleGrid(cfg.sample, self.model_path, self.rank, self.world,
+                                      cfg.deepspeed.zero_stage == 3, self.device,
+                                      encoder=self._encoder() if self.spec.kind == "raw" and self.rank == 0 else None,
+                                      max_sequence_length=cfg.encode.max_sequence_length,
+                                      encode_dtype=cfg.encode.dtype)
+        if self.rank == 0:
+            self.tracker = Tracker(cfg, self.storage, st, resumed, self.mlflow_uri)
+        stop_at = min(cfg.run.max_steps, cfg.run.stop_at_step or cfg.run.max_steps)
+        stop_reason = None
+        grid = None
+        while st.step < stop_at:
+            step = st.step + 1
+            row = self.train_step(step)
+            logged = step % cfg.run.log_every == 0
+            checkpoint = step % cfg.run.checkpoint_every == 0 or step == stop_at
+            if self.rank == 0 and (logged or checkpoint or row["step_skipped"]):
+                st.history.append(_json_row(row))
+                self.tracker.log(step, row)
+            self.faults.after_step(step)
+            if st.nan_streak >= cfg.run.nan_limit:
+                stop_reason = "nan_limit"
+                ray.train.report(_ray_metrics(row))
+                break
+            extra_grid = cfg.sample.every > 0 and step % cfg.sample.every == 0
+            grid = self.render_grid() if (checkpoint or extra_grid) else None
+            if checkpoint:
+                self.save_checkpoint(row, grid)
+            else:
+                if extra_grid:
+                    self.save_extra_grid(step, grid)
+                if logged:
+                    ray.train.report(_ray_metrics(row))
+        final = None
+        if stop_reason is None and st.step >= cfg.run.max_steps:
+            if grid is None:
+                grid = self.render_grid()
+            final = self.export(grid)
+            stop_reason = "done"
+        elif stop_reason is None:
+            stop_reason = "stop_at_step"
+        if self.tracker is not None:
+            self.tracker.close(final)
+        if self.equalizer is not None:
+            self.equalizer.remove()
+        return {"step": st.step, "stop_reason": stop_reason, "skipped_steps": st.skipped_steps,
+                "nan_streak": st.nan_streak, "final": final, "resumed": resumed,
+                "last": st.history[-1] if st.history else None,
+                "zero3_padding_passes": self.equalizer.padded if self.equalizer is not None else 0}
+
+
+def _peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux: peak RSS
+
+
+def _json_row(row: dict) -> dict:
+    return {k: (None if isinstance(v, float) and (v != v or abs(v) == float("inf")) else v) for k, v in row.items()}
+
+
+def _ray_metrics(row: dict) -> dict:
+    return {k: v for k, v in row.items() if isinstance(v, (int, float))}

@@ -1,0 +1,104 @@
+"""Sample grids during training: fixed prompts × seeds as rows, NFE (1/2/4) as columns.
+
+Each grid runs TwinFlow's any-step sampler (method/sampler.py, the released few-step settings)
+on the trained adapter, from the same noise every time, so grids compare across steps. The
+prompts are encoded once at start (rank 0 loads the text encoder, then drops it; ZeRO-3 ranks
+get the embeddings by broadcast, because under ZeRO-3 every rank must run the network with
+rank 0). Rank 0 keeps the VAE to decode. A grid is a PNG: a header row with the NFE labels,
+then one row per (prompt, seed).
+"""
+
+from __future__ import annotations
+
+import gc
+from typing import Any
+
+import torch
+
+from twinflow.method.sampler import few_step, sample
+from twinflow.train.config import SampleSettings
+
+HEADER_PX = 14
+
+
+class SampleGrid:
+    def __init__(self, settings: SampleSettings, model_path: str, rank: int, world: int, zero3: bool,
+                 device: torch.device, encoder=None, max_sequence_length: int = 512, encode_dtype: str = "auto"):
+        """``encoder``: an already loaded twinflow.data.encode.QwenImageEncoder to reuse (raw data)."""
+        from diffusers import AutoencoderKLQwenImage
+
+        self.settings = settings
+        self.rank = rank
+        self.device = device
+        self.all_ranks = zero3
+        self.active = rank == 0 or zero3
+        self.rows = [(p, s) for p in settings.prompts for s in settings.seeds]
+        vae_cfg = AutoencoderKLQwenImage.load_config(model_path, subfolder="vae")
+        factor = 2 ** len(vae_cfg["temperal_downsample"])
+        self.latent_hw = (2 * (settings.height // (factor * 2)), 2 * (settings.width // (factor * 2)))
+        self.cond: dict[str, torch.Tensor] | None = None
+        self.vae = None
+        if rank == 0:
+            own = encoder is None
+            if own:
+                from twinflow.data.encode import QwenImageEncoder
+
+                encoder = QwenImageEncoder(model_path, device=str(device), dtype=encode_dtype,
+                                           max_sequence_length=max_sequence_length)
+            from twinflow.data.encode import pad_prompts
+
+            self.cond = {k: v.cpu() for k, v in pad_prompts(encoder.encode_prompts([p for p, _ in self.rows])).items()}
+            self.vae = encoder.pipe.vae
+            if own:  # the text encoder (7B for Qwen-Image) is not needed any more
+                encoder.pipe.text_encoder = None
+                del encoder
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+        if zero3 and world > 1:
+            import torch.distributed as dist
+
+            box = [self.cond]
+            dist.broadcast_object_list(box, src=0)
+            self.cond = box[0]
+
+    @torch.no_grad()
+    def render(self, velocity: torch.nn.Module):
+        """The grid as a PIL image on rank 0 (None elsewhere); every rank must call it under ZeRO-3."""
+        if not self.active:
+            return None
+        channels = velocity.transformer.config.in_channels // 4
+        h, w = self.latent_hw
+        cond = {k: v.to(self.device) for k, v in self.cond.items()}
+        noise = torch.stack([torch.randn((channels, h, w), generator=torch.Generator().manual_seed(seed))
+                             for _, seed in self.rows]).to(self.device)
+        columns = []
+        was_training = velocity.training
+        velocity.eval()
+        try:
+            for nfe in self.settings.nfe:
+                gens = [torch.Generator(device=self.device).manual_seed(10_000 + seed) for _, seed in self.rows]
+                columns.append(sample(velocity, noise, cond, few_step(nfe), generator=gens,
+                                      model_dtype=velocity.compute_dtype))
+        finally:
+            velocity.train(was_training)
+        if self.rank != 0:
+            return None
+        from twinflow.models.qwen_encode import decode_latents
+
+        images = [decode_latents(self.vae, x).cpu() for x in columns]  # per column: [rows, 3, H, W] in [0, 1]
+        return compose_grid(images, [f"{n} NFE" for n in self.settings.nfe])
+
+
+def compose_grid(columns: list[torch.Tensor], labels: list[str]) -> Any:
+    from PIL import Image, ImageDraw
+
+    n_rows, _, height, width = columns[0].shape
+    grid = Image.new("RGB", (width * len(columns), HEADER_PX + height * n_rows), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for c, (col, label) in enumerate(zip(columns, labels)):
+        draw.text((c * width + 2, 1), label, fill=(0, 0, 0))
+        for r in range(n_rows):
+            arr = (col[r].permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+            grid.paste(Image.fromarray(arr), (c * width, HEADER_PX + r * height))
+    return grid

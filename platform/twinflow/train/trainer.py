@@ -1,0 +1,127 @@
+"""The driver: config -> Ray Train ``TorchTrainer`` (DeepSpeed inside each worker) -> result.
+
+    outcome = run_training(cfg)          # blocks until the run ends; raises on failure
+    outcome.summary["final"]             # <run>/final, see train/export.py
+
+What it sets up, and why:
+  ScalingConfig      num_workers × resources_per_worker (GPU presets: {"GPU": 1, "twinflow_train": 1})
+  TorchConfig        backend nccl/gloo and an explicit collective ``timeout_s``: a dead peer fails
+                     the step (and Ray Train restarts the group) instead of hanging for 30 min
+  RunConfig          storage_path (+ storage_filesystem for S3), name, CheckpointConfig(num_to_keep),
+                     FailureConfig(max_failures): a dead worker or node restarts the whole group
+                     from the latest registered checkpoint
+  datasets           the data layer's Ray Dataset, split equally over ranks (``streaming_split``) with
+                     ``preserve_order`` so that every rank sees the same rows in the same order in
+                     every epoch and after every restart (exact resume; without it Ray hands blocks to
+                     whichever rank asks first)
+Re-submitting the same (storage_path, name) resumes: Ray Train V2 finds the run's checkpoints and
+the workers restore the latest (train/loop.py); ``check_resubmission`` refuses incompatible changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from twinflow.config.errors import ConfigError
+from twinflow.config.tree import to_dict
+from twinflow.train.config import TrainConfig
+from twinflow.train.prepare import check_resubmission, resolved
+from twinflow.train.storage import RunStorage
+
+
+class NonFiniteLossError(RuntimeError):
+    """The run stopped because run.nan_limit steps in a row had non-finite losses."""
+
+
+@dataclass
+class TrainOutcome:
+    summary: dict[str, Any]
+    """Rank 0's return value: step, stop_reason, skipped_steps, final (URI), last metrics row, ..."""
+    result: Any
+    """ray.train.Result (latest checkpoint, its metrics, the run path)."""
+    run_uri: str
+    seconds: float
+
+
+def mlflow_uri(cfg: TrainConfig) -> str | None:
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if cfg.logging.mlflow == "off":
+        return None
+    if cfg.logging.mlflow == "on" and not uri:
+        raise ConfigError("logging.mlflow: is 'on' but MLFLOW_TRACKING_URI is not set; set it (e.g. "
+                          "file:///tmp/mlruns or http://mlflow:5000) or use logging.mlflow: auto")
+    return uri or None
+
+
+def build_trainer(cfg: TrainConfig, storage: RunStorage):
+    """The TorchTrainer for ``cfg`` (Ray must be connected: the dataset is created here)."""
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from twinflow.data.fs import filesystem_for
+    from twinflow.data.ingest import warn_missing_resources
+    from twinflow.data.loader import open_training_data
+    from twinflow.train.loop import train_loop_per_worker
+
+    uri = mlflow_uri(cfg)
+    work_cfg, model_path = resolved(cfg)
+    data_fs, _ = filesystem_for(work_cfg.data.source)
+    enc = cfg.encode
+    data = open_training_data(work_cfg.data, cfg.deepspeed.micro_batch_per_gpu, model_path=model_path,
+                              filesystem=data_fs, encode_device=enc.device, encode_dtype=enc.dtype,
+                              max_sequence_length=enc.max_sequence_length)
+    custom = {k: v for k, v in cfg.scaling.resources_per_worker.items() if k not in ("CPU", "GPU", "memory")}
+    warn_missing_resources(custom, "scaling.resources_per_worker")
+    ingest = DataConfig.default_ingest_options()
+    ingest = ExecutionOptions(resource_limits=ingest.resource_limits, exclude_resources=ingest.exclude_resources,
+                              preserve_order=True, verbose_progress=ingest.verbose_progress)
+    payload = {"config": to_dict(work_cfg), "model_path": model_path, "batch_spec": data.spec,
+               "storage": storage, "data_filesystem": data_fs, "mlflow_uri": uri}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=payload,
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                     resources_per_worker=dict(cfg.scaling.resources_per_worker)),
+        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo", timeout_s=cfg.scaling.timeout_s),
+        run_config=RunConfig(name=cfg.run.name, **storage.ray_run_config_kwargs(),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.num_to_keep),
+                             failure_config=FailureConfig(max_failures=cfg.run.max_failures)),
+        datasets={"train": data.dataset},
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ingest),
+    )
+
+
+def run_training(cfg: TrainConfig, storage_filesystem=None) -> TrainOutcome:
+    """Run (or resume) the training job described by ``cfg``; raises NonFiniteLossError or Ray's
+    TrainingFailedError when it cannot finish. ``storage_filesystem`` overrides the one derived
+    from run.storage_path (tests; S3 settings otherwise come from AWS_* variables)."""
+    from twinflow.ray_env import connect
+
+    t0 = time.time()
+    storage = RunStorage.for_run(cfg.run.storage_path, cfg.run.name, storage_filesystem)
+    existed = check_resubmission(storage, cfg)
+    if existed:
+        print(f"[twinflow] {storage.uri()} exists: resuming from its latest checkpoint", file=sys.stderr, flush=True)
+    connect()
+    trainer = build_trainer(cfg, storage)
+    result = trainer.fit()
+    summary = dict(result.return_value or {})
+    outcome = TrainOutcome(summary=summary, result=result, run_uri=storage.uri(), seconds=time.time() - t0)
+    if summary.get("stop_reason") == "nan_limit":
+        raise NonFiniteLossError(
+            f"training stopped at step {summary['step']}: {summary['nan_streak']} steps in a row had non-finite "
+            f"losses (run.nan_limit={cfg.run.nan_limit}; {summary['skipped_steps']} skipped in all). The last good "
+            f"checkpoint is in {storage.uri()}; lower optim.lr, check the data, or raise run.nan_limit")
+    return outcome
+
+
+def with_overrides(cfg: TrainConfig, **sections: dict) -> TrainConfig:
+    """A copy of ``cfg`` with fields of some sections replaced: with_overrides(cfg, run={"max_steps": 6})."""
+    changes = {name: dataclasses.replace(getattr(cfg, name), **fields) for name, fields in sections.items()}
+    return dataclasses.replace(cfg, **changes)
