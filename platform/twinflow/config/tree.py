@@ -183,6 +183,33 @@ def deep_merge(base: dict, update: Mapping) -> dict:
     return out
 
 
+def merge_into(cls: Any, base: dict, update: Mapping) -> dict:
+    """``deep_merge`` guided by the dataclass tree: sections (dataclass-typed fields) merge key by
+    key, but a field typed as a plain mapping (e.g. ``resources_per_worker``) is *replaced*: a YAML
+    that says ``{GPU: 1}`` must not inherit the preset's ``{CPU: 0.5}``."""
+    hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+    out = copy.deepcopy(base)
+    for k, v in update.items():
+        tp = _dataclass_of(hints.get(k))
+        if tp is not None and isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = merge_into(tp, out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _dataclass_of(tp: Any) -> Any:
+    """The dataclass type of a field annotation (``X`` or ``X | None``), else None."""
+    if tp is None:
+        return None
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        found = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+        return found[0] if len(found) == 1 else None
+    return None
+
+
 def read_yaml(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
@@ -201,7 +228,7 @@ def build(cls: type[T], base: T | Mapping | None = None, yaml_path: str | Path |
     """base (preset object or dict) <- YAML file <- --set overrides, then validate."""
     data = to_dict(base) if dataclasses.is_dataclass(base) else dict(base or {})
     if yaml_path:
-        data = deep_merge(data, read_yaml(yaml_path))
+        data = merge_into(cls, data, read_yaml(yaml_path))
     for text in overrides:
         keys, value = parse_override(text)
         set_dotted(data, keys, value)

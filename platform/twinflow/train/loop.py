@@ -22,7 +22,6 @@ with the barrier inside ``checkpoint.as_directory()`` (Ray PR #57118).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import resource
 import sys
@@ -139,6 +138,7 @@ class Worker:
                                         load_optimizer_states=True, load_lr_scheduler_states=True)
             reset_lr_schedule(self.engine, self.cfg)
             self.state = TrainState.from_dict(shared["state"])
+            self.state.resumed_from.append(self.state.step)
             if shared["teacher"] is not None and hasattr(self.teacher, "load_state_dict"):
                 self.teacher.load_state_dict(shared["teacher"])
             restore_rng(read_rank_state(d, self.rank)["rng"], self.generator)
@@ -338,7 +338,7 @@ class Worker:
         if self.equalizer is not None:
             self.equalizer.remove()
         return {"step": st.step, "stop_reason": stop_reason, "skipped_steps": st.skipped_steps,
-                "nan_streak": st.nan_streak, "final": final, "resumed": resumed,
+                "nan_streak": st.nan_streak, "final": final, "resumed": resumed, "resumed_from": list(st.resumed_from),
                 "last": st.history[-1] if st.history else None,
                 "zero3_padding_passes": self.equalizer.padded if self.equalizer is not None else 0}
 

@@ -48,6 +48,8 @@ class TrainState:
     nan_streak: int = 0
     samples_seen: int = 0
     mlflow_run_id: str | None = None
+    resumed_from: list[int] = field(default_factory=list)
+    """The step of each checkpoint this run was resumed from (restarts and re-submissions), in order."""
     history: list[dict] = field(default_factory=list)
     """One metrics row per logged step (rank 0): the run's log, consistent with its checkpoints."""
 
