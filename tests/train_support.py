@@ -67,11 +67,13 @@ def reference_run(model_dir, root: Path, s3_server, bucket: str):
                           run={"export_pipeline": True},
                           sample={"nfe": [1, 2, 4]},
                           logging={"mlflow": "auto", "progress_bar": True})
-        os.environ["MLFLOW_TRACKING_URI"] = mlruns.as_uri()
+        # MLflow 3 wants a database backend; its file store (all mlflow-skinny can use here) is opt-in.
+        os.environ.update(MLFLOW_TRACKING_URI=mlruns.as_uri(), MLFLOW_ALLOW_FILE_STORE="true")
         try:
             outcome = run_training(cfg, storage_filesystem=s3_server.filesystem())
         finally:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
+            os.environ.pop("MLFLOW_ALLOW_FILE_STORE", None)
         _CACHE["reference"] = (cfg, outcome, mlruns)
     return _CACHE["reference"]
 

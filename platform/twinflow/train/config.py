@@ -159,7 +159,7 @@ class RunSettings:
     """Non-finite steps in a row that stop the run (each one is skipped and counted)."""
     seed: int = 0
     log_every: int = 1
-    """Steps between metric reports (TensorBoard, MLflow, Ray)."""
+    """Steps between metric rows (TensorBoard, MLflow, the metrics log)."""
     export_pipeline: bool = False
     """At the end, also write a ready-to-load TwinFlowQwenImagePipeline folder (merged weights);
     the final transformer / LoRA weights are always written to <run>/final."""
@@ -218,6 +218,12 @@ class LoggingSettings:
     """auto: log to MLflow when MLFLOW_TRACKING_URI is set; on: require it."""
     mlflow_experiment: str = "twinflow"
     progress_bar: bool = True
+    ray_report_every: int = 0
+    """Also report metrics to Ray Train (callbacks, Tune) every N steps; 0: only with checkpoints.
+    A report waits for the controller's next poll (~2 s), so per-step reports slow short steps."""
+
+    def validate(self, path: str = "logging") -> None:
+        require(self.ray_report_every >= 0, f"{path}.ray_report_every", "must be >= 0")
 
 
 @dataclass

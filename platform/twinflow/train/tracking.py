@@ -4,7 +4,7 @@ TensorBoard event files go to <run>/tensorboard (written in place for local stor
 they are written locally and copied up at every checkpoint and at the end). A resumed run opens
 its writer with ``purge_step`` = first step after the checkpoint, so TensorBoard drops what the
 crashed attempt logged past that checkpoint: no step appears twice.
-MLflow (``MLFLOW_TRACKING_URI`` on the driver, or logging.mlflow: on) gets the flattened config
+MLflow (``MLFLOW_TRACKING_URI`` on the driver; its other MLFLOW_* variables travel along) gets the flattened config
 as params, the same metrics, and the sample grids as artifacts; a resumed run continues the
 same MLflow run (its id lives in the checkpoint). MLflow keeps every logged value, so steps a
 crashed attempt logged after its last checkpoint stay there as earlier values of those steps.
@@ -35,8 +35,9 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 class Tracker:
-    def __init__(self, cfg: TrainConfig, storage, state, resumed: bool, mlflow_uri: str | None):
-        """``storage``: train/storage.py RunStorage; ``state``: TrainState (holds the MLflow run id)."""
+    def __init__(self, cfg: TrainConfig, storage, state, resumed: bool, mlflow_env: dict[str, str] | None):
+        """``storage``: train/storage.py RunStorage; ``state``: TrainState (holds the MLflow run id);
+        ``mlflow_env``: the driver's MLFLOW_* variables (None: no MLflow)."""
         self.cfg = cfg
         self.storage = storage
         self.tb = None
@@ -53,10 +54,11 @@ class Tracker:
                 logdir = storage.local_path("tensorboard")
                 os.makedirs(logdir, exist_ok=True)
             self.tb = SummaryWriter(logdir, purge_step=state.step + 1 if resumed else None)
-        if mlflow_uri:
+        if mlflow_env:
+            os.environ.update(mlflow_env)
             import mlflow
 
-            mlflow.set_tracking_uri(mlflow_uri)
+            mlflow.set_tracking_uri(mlflow_env["MLFLOW_TRACKING_URI"])
             mlflow.set_experiment(cfg.logging.mlflow_experiment)
             run = mlflow.start_run(run_id=state.mlflow_run_id) if state.mlflow_run_id else \
                 mlflow.start_run(run_name=cfg.run.name)

@@ -48,14 +48,18 @@ class TrainOutcome:
     seconds: float
 
 
-def mlflow_uri(cfg: TrainConfig) -> str | None:
+def mlflow_env(cfg: TrainConfig) -> dict[str, str] | None:
+    """The driver's MLFLOW_* variables (tracking URI, credentials, ...) for rank 0, or None when MLflow
+    is off: workers on other nodes do not inherit the submitting shell's environment."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if cfg.logging.mlflow == "off":
         return None
     if cfg.logging.mlflow == "on" and not uri:
         raise ConfigError("logging.mlflow: is 'on' but MLFLOW_TRACKING_URI is not set; set it (e.g. "
-                          "file:///tmp/mlruns or http://mlflow:5000) or use logging.mlflow: auto")
-    return uri or None
+                          "http://mlflow:5000) or use logging.mlflow: auto")
+    if not uri:
+        return None
+    return {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
 
 
 def build_trainer(cfg: TrainConfig, storage: RunStorage):
@@ -69,7 +73,7 @@ def build_trainer(cfg: TrainConfig, storage: RunStorage):
     from twinflow.data.loader import open_training_data
     from twinflow.train.loop import train_loop_per_worker
 
-    uri = mlflow_uri(cfg)
+    tracking_env = mlflow_env(cfg)
     work_cfg, model_path = resolved(cfg)
     data_fs, _ = filesystem_for(work_cfg.data.source)
     enc = cfg.encode
@@ -82,7 +86,7 @@ def build_trainer(cfg: TrainConfig, storage: RunStorage):
     ingest = ExecutionOptions(resource_limits=ingest.resource_limits, exclude_resources=ingest.exclude_resources,
                               preserve_order=True, verbose_progress=ingest.verbose_progress)
     payload = {"config": to_dict(work_cfg), "model_path": model_path, "batch_spec": data.spec,
-               "storage": storage, "data_filesystem": data_fs, "mlflow_uri": uri}
+               "storage": storage, "data_filesystem": data_fs, "mlflow_env": tracking_env}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=payload,
