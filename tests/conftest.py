@@ -31,7 +31,16 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        # Without a dashboard Ray still records 127.0.0.1:<dashboard_port> as this cluster's state-API
+        # address; left at 8265 it can point at *another* Ray on the machine, whose state API then
+        # reports this cluster's Train controller as missing and Ray Train's PlacementGroupCleaner
+        # removes the running workers' placement group. An unused port keeps lookups local.
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        ray.init(num_cpus=4, include_dashboard=False, dashboard_port=port, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -238,7 +238,7 @@ class DebugSettings:
     fault_marker_dir: str = ""
     """Local folder remembering which faults fired, so each fires once (required with exit faults)."""
     nan_at_steps: list[int] = field(default_factory=list)
-    """Steps whose loss becomes NaN on rank ``nan_rank``."""
+    """Steps whose first micro-batch gets NaN latents on rank ``nan_rank`` (so its loss is NaN)."""
     nan_rank: int = 0
 
     def validate(self, path: str = "debug") -> None:

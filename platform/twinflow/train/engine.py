@@ -99,6 +99,10 @@ class CallEqualizer:
     def _hook(self, module, args):
         self.count += 1
 
+    def begin(self) -> None:
+        """Start counting one micro-batch (passes outside training, e.g. sample grids, do not count)."""
+        self.count = 0
+
     def pad(self, x: torch.Tensor, cond: Any) -> None:
         """Run dummy one-row passes until this micro-batch made ``bound`` passes, then reset."""
         if self.count > self.bound:

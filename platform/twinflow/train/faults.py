@@ -39,8 +39,9 @@ class Faults:
         if self.s.exit_in_checkpoint_at_step == step and self.rank == self.s.exit_rank:
             self._fire_once(f"exit_in_checkpoint_{step}")
 
-    def loss(self, step: int, accum_index: int, loss: torch.Tensor) -> torch.Tensor:
-        """NaN on the first micro-batch of the listed steps, on rank ``nan_rank``."""
+    def latents(self, step: int, accum_index: int, latents: torch.Tensor) -> torch.Tensor:
+        """NaN latents (as from a corrupt cache row) in the first micro-batch of the listed steps, on
+        rank ``nan_rank``: the network's output, the loss and every statistic become NaN."""
         if step in self.s.nan_at_steps and self.rank == self.s.nan_rank and accum_index == 0:
-            return loss * float("nan")
-        return loss
+            return latents * float("nan")
+        return latents

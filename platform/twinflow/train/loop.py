@@ -161,14 +161,16 @@ class Worker:
         bad = 0
         for accum in range(layout.accum_steps):
             batch = self.data.next()
-            x = batch["latents"]
+            x = self.faults.latents(step, accum, batch["latents"])
             cond = {"prompt_embeds": batch["prompt_embeds"], "prompt_mask": batch["prompt_mask"]}
             ids = allocate_micro_batch(weights, layout, self.rank, accum, self.state.step)
+            if self.equalizer is not None:
+                self.equalizer.begin()
             out = self.objective(engine, x, cond, ids, uncond=expand_condition(self.uncond, x.shape[0]),
                                  teacher=self.teacher, model_nograd=self.velocity, generator=self.generator, norm=norm)
             if self.equalizer is not None:
                 self.equalizer.pad(x, cond)
-            loss = self.faults.loss(step, accum, out.loss)
+            loss = out.loss
             if not bool(torch.isfinite(loss.detach())):
                 bad += 1
                 loss = loss * float("nan")  # NaN gradients: DeepSpeed's overflow check drops the step everywhere
@@ -304,7 +306,7 @@ class Worker:
             self.tracker = Tracker(cfg, self.storage, st, resumed, self.mlflow_env)
         stop_at = min(cfg.run.max_steps, cfg.run.stop_at_step or cfg.run.max_steps)
         stop_reason = None
-        grid = None
+        grid, grid_step = None, None  # grid_step is the same on every rank; grid exists on rank 0 only
         while st.step < stop_at:
             step = st.step + 1
             row = self.train_step(step)
@@ -319,6 +321,7 @@ class Worker:
                 break
             extra_grid = cfg.sample.every > 0 and step % cfg.sample.every == 0
             grid = self.render_grid() if (checkpoint or extra_grid) else None
+            grid_step = step if (checkpoint or extra_grid) else grid_step
             if checkpoint:
                 self.save_checkpoint(row, grid)
             else:
@@ -329,7 +332,7 @@ class Worker:
                     ray.train.report(_ray_metrics(row))
         final = None
         if stop_reason is None and st.step >= cfg.run.max_steps:
-            if grid is None:
+            if grid_step != st.step:  # resumed at the end: no grid rendered in this attempt yet
                 grid = self.render_grid()
             final = self.export(grid)
             stop_reason = "done"
