@@ -40,6 +40,7 @@ def tiny_config(model_dir, data_dir: str, storage: str, name: str, **sections) -
         cfg,
         model=dataclasses.replace(cfg.model, path=str(model_dir), lora=LoraSettings(rank=4, alpha=4.0)),
         data=dataclasses.replace(cfg.data, source=data_dir, decode_batch_rows=8),
+        deepspeed=dataclasses.replace(cfg.deepspeed, micro_batch_per_gpu=2),
         run=RunSettings(name=name, storage_path=storage, max_steps=6, checkpoint_every=2, num_to_keep=None,
                         max_failures=0, export_pipeline=False, seed=3),
         sample=SampleSettings(prompts=["a handwritten digit three"], seeds=[0], nfe=[1, 2], height=64, width=64),

@@ -332,7 +332,8 @@ def tiny() -> TrainConfig:
         encode=EncodeSettings(max_sequence_length=32, device="cpu", dtype="float32"),
         twinflow=TwinFlowConfig(teacher="ema", teacher_ema_decay=0.99),
         optim=OptimConfig(lr=1e-3, schedule="cosine", warmup_steps=10, min_lr_ratio=0.1),
-        deepspeed=DeepSpeedSettings(zero_stage=2, precision="auto", micro_batch_per_gpu=2, gradient_accumulation=2),
+        # 3 per worker × 2 workers × 2 accumulation steps = 12: λ = 1/3 is realised exactly (2/4/4/2 rows)
+        deepspeed=DeepSpeedSettings(zero_stage=2, precision="auto", micro_batch_per_gpu=3, gradient_accumulation=2),
         scaling=ScalingSettings(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 0.5}, timeout_s=600),
         run=RunSettings(name="tiny-digits", storage_path="./runs", max_steps=120, checkpoint_every=40, num_to_keep=2,
                         max_failures=1, export_pipeline=True),
