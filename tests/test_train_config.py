@@ -82,6 +82,9 @@ def test_cross_section_rules():
         build(TrainConfig, cfg)
 
     check(tiny())  # the default is valid
+    check(tiny(), scaling={"num_workers": 1})  # one worker: fault-injection ranks only matter when set
+    with pytest.raises(ConfigError, match=r"^debug\.exit_rank: must be < scaling\.num_workers \(1\)"):
+        check(tiny(), scaling={"num_workers": 1}, debug={"exit_at_step": 2, "fault_marker_dir": "/tmp/x"})
     with pytest.raises(ConfigError, match=r"^model\.ema: twinflow\.teacher: ema on a LoRA model"):
         check(tiny(), model={"ema": False})
     with pytest.raises(ConfigError, match=r"^deepspeed\.offload_optimizer: .*deepspeed\.optimizer: deepspeed"):

@@ -310,10 +310,13 @@ class TrainConfig:
                     "set model.dtype: bfloat16")
         if self.model.path == TINY_MODEL:
             require(self.data.resolution <= 256, "data.resolution", "the tiny model is for small images; use <= 256")
-        require(self.debug.exit_rank < self.scaling.num_workers, "debug.exit_rank",
-                f"must be < scaling.num_workers ({self.scaling.num_workers})")
-        require(self.debug.nan_rank < self.scaling.num_workers, "debug.nan_rank",
-                f"must be < scaling.num_workers ({self.scaling.num_workers})")
+        dbg = self.debug
+        if dbg.exit_at_step is not None or dbg.exit_in_checkpoint_at_step is not None:
+            require(dbg.exit_rank < self.scaling.num_workers, "debug.exit_rank",
+                    f"must be < scaling.num_workers ({self.scaling.num_workers})")
+        if dbg.nan_at_steps:
+            require(dbg.nan_rank < self.scaling.num_workers, "debug.nan_rank",
+                    f"must be < scaling.num_workers ({self.scaling.num_workers})")
 
 
 # ---------------------------------------------------------------------------
