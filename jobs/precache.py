@@ -31,7 +31,8 @@ from twinflow.config.cli import add_config_args, exit_config_error, resolve_conf
 from twinflow.config.errors import ConfigError
 from twinflow.data.config import DatasetConfig
 from twinflow.data.fs import DataSourceError
-from twinflow.data.precache import EncodeConfig, PrecacheConfig, plan_precache, run_precache
+from twinflow.data.config import EncodeConfig, PrecacheConfig
+from twinflow.data.precache import plan_precache, run_precache
 from twinflow.data.sources import BadDataError
 from twinflow.ray_resources import DATA
 

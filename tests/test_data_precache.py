@@ -186,6 +186,22 @@ def test_other_settings_on_the_same_output_are_refused(cached):
         run_precache(other, filesystem_in=cached["fs"], filesystem_out=cached["fs"])
 
 
+def test_job_stops_on_a_bad_shard_and_names_it(tmp_path, tiny_model, ray_local, capsys):
+    src = tmp_path / "src"
+    # shard-00001: 4 unusable of 12 samples (33 %) > data.bad_share_limit 0.2
+    write_digits_dataset(str(src), "parquet", n=16, shards=2, bad={UNDECODABLE: 2, NO_CAPTION: 2}, bad_shard=1)
+    out = tmp_path / "out"
+    job = _load_job()
+    code = job.main(["--preset", "tiny", "--set", f"data.source={src}", "--set", f"output={out}",
+                     "--set", f"encode.model_path={tiny_model}", "--set", "data.resolution=32",
+                     "--set", "data.bad_share_limit=0.2"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "precache stopped: shard " in err and "shard-00001.parquet: 4 of 12 samples unusable" in err
+    assert "no_caption=2, undecodable=2" in err and "data.bad_share_limit=0.2" in err
+    assert not (out / "manifest.json").exists() and not (out / "_shards" / "shard-00001.json").exists()
+
+
 def test_cli_dry_run_prints_plan_and_config_errors_exit_2(tmp_path):
     src = tmp_path / "src"
     write_digits_dataset(str(src), "webdataset", n=4, shards=2)

@@ -18,7 +18,7 @@ from functools import lru_cache
 
 import torch
 
-UNCOND_PROMPT = "Generate an image."
+from twinflow.data.config import UNCOND_PROMPT  # noqa: E402  (re-exported)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
