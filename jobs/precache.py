@@ -50,7 +50,7 @@ def tiny() -> PrecacheConfig:
     return PrecacheConfig(
         data=DatasetConfig(resolution=64, min_size=16, decode_batch_rows=64, decode_num_cpus=0.5),
         encode=EncodeConfig(model_path="tiny", device="cpu", dtype="float32", batch_size=32, concurrency=1,
-                            num_gpus=0.0, max_sequence_length=64),
+                            num_gpus=0.0, max_sequence_length=512),
         cache_dtype="float32", part_rows=128)
 
 

@@ -147,7 +147,8 @@ def vae_info(model_path: str) -> dict:
     except (OSError, ValueError) as exc:
         raise DataSourceError(f"encode.model_path={model_path}: not a readable Qwen-Image pipeline folder or hub id "
                               f"(its vae/config.json: {str(exc).splitlines()[0]})") from exc
-    return {"path": model_path, "latents_mean": list(config["latents_mean"]), "latents_std": list(config["latents_std"]),
+    return {"path": model_path, "latents_mean": list(config["latents_mean"]),
+            "latents_std": list(config["latents_std"]),
             "z_dim": int(config["z_dim"])}
 
 

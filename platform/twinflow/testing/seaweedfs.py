@@ -155,7 +155,8 @@ class SeaweedS3:
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"S3 port of weed did not answer within {timeout:.0f} s; log tail:\n{self.log_tail()}")
+                raise RuntimeError(f"S3 port of weed did not answer within {timeout:.0f} s; log tail:\n"
+                                   f"{self.log_tail()}")
             time.sleep(0.2)
         # 2) a signed write and read succeed (filer and volume server registered with the master)
         fs = self.filesystem(allow_bucket_creation=True)
