@@ -137,7 +137,7 @@ def bench_precache(work: Path, args) -> dict:
         cfg = PrecacheConfig(
             data=DatasetConfig(source=src, resolution=args.resolution, min_size=16, decode_num_cpus=0.5),
             encode=EncodeConfig(model_path=str(model), device="cpu", dtype="float32", batch_size=32,
-                                concurrency=1, num_gpus=0.0, max_sequence_length=64),
+                                concurrency=1, num_gpus=0.0, max_sequence_length=512),
             output=dst, part_rows=128)
         result = run_precache(cfg, log=lambda msg: None)
         res[f"precache_{run}_s"] = round(result.seconds, 2)
@@ -150,7 +150,7 @@ def bench_precache(work: Path, args) -> dict:
     from twinflow.data.transforms import to_model_pixels
 
     rows = list(iter_decoded(cfg.data))[:64]
-    enc = QwenImageEncoder(str(model), device="cpu", dtype="float32", max_sequence_length=64)
+    enc = QwenImageEncoder(str(model), device="cpu", dtype="float32", max_sequence_length=512)
     enc.training_batch(to_model_pixels([r[1] for r in rows[:2]]), [r[2] for r in rows[:2]])  # warm-up
     t0 = time.perf_counter()
     for i in range(0, len(rows), 32):

@@ -31,7 +31,8 @@ from twinflow.config.cli import add_config_args, exit_config_error, resolve_conf
 from twinflow.config.errors import ConfigError
 from twinflow.data.config import DatasetConfig
 from twinflow.data.fs import DataSourceError
-from twinflow.data.precache import EncodeConfig, PrecacheConfig, plan_precache, run_precache
+from twinflow.data.config import EncodeConfig, PrecacheConfig
+from twinflow.data.precache import plan_precache, run_precache
 from twinflow.data.sources import BadDataError
 from twinflow.ray_resources import DATA
 
@@ -49,7 +50,7 @@ def tiny() -> PrecacheConfig:
     return PrecacheConfig(
         data=DatasetConfig(resolution=64, min_size=16, decode_batch_rows=64, decode_num_cpus=0.5),
         encode=EncodeConfig(model_path="tiny", device="cpu", dtype="float32", batch_size=32, concurrency=1,
-                            num_gpus=0.0, max_sequence_length=64),
+                            num_gpus=0.0, max_sequence_length=512),
         cache_dtype="float32", part_rows=128)
 
 

@@ -7,6 +7,7 @@ Writes OUT/results.json, OUT/results.md and OUT/samples_<dataset>_<method>.png.
 
     python jobs/small_scale_study.py --quick                 # minutes on 2 cores (CI, make demo)
     python jobs/small_scale_study.py --out runs/study        # the full study (≈30 min on 2 cores)
+    python jobs/small_scale_study.py --sweep-lam             # the λ ablation on digits (λ = 0 … 2/3)
     python jobs/small_scale_study.py --datasets mixture2d --steps 3000 --lam 0.25 \
         --set method.twinflow.teacher=ema --set eval.seeds=1
     ray job submit --working-dir . -- python jobs/small_scale_study.py --workers 4
@@ -25,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # run
 from twinflow.config.cli import add_config_args, exit_config_error  # noqa: E402
 from twinflow.config.errors import ConfigError  # noqa: E402
 from twinflow.config.tree import build, dump_yaml  # noqa: E402
-from twinflow.study.config import DATASETS, PRESETS  # noqa: E402
+from twinflow.study.config import DATASETS, PAPER_LAMBDAS, PRESETS  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -39,6 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, help="Ray Train workers per run (default 2)")
     p.add_argument("--mixture-modes", type=int, help="modes of the 2-D mixture (default 8)")
     p.add_argument("--mixture-seed", type=int, help="seed choosing the mixture (default 0)")
+    p.add_argument("--sweep-lam", nargs="?", const="paper", metavar="L1,L2,...",
+                   help="λ ablation instead of the comparison: TwinFlow at each λ (default 0,1/6,1/3,1/2,2/3) "
+                        "on digits unless --datasets says otherwise")
     return p.parse_args(argv)
 
 
@@ -58,6 +62,13 @@ def shorthand_overrides(args: argparse.Namespace) -> list[str]:
         sets.append(f"mixture.modes={args.mixture_modes}")
     if args.mixture_seed is not None:
         sets.append(f"mixture.seed={args.mixture_seed}")
+    if args.sweep_lam:
+        lams = PAPER_LAMBDAS if args.sweep_lam == "paper" else [float(v) for v in args.sweep_lam.split(",")]
+        sets += [f"sweep_lam=[{', '.join(repr(v) for v in lams)}]", "eval.nfe=[1]"]
+        if not args.datasets:
+            sets.append("datasets=[digits]")
+        if not args.out:
+            sets.append(f"out=runs/study-lam{'-quick' if args.quick else ''}")
     return sets
 
 

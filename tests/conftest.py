@@ -79,5 +79,5 @@ def s3_env(s3_server, monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_qwen_dir(tiny_qwen_image):
-    """A random-weight Qwen-Image pipeline folder (preset "tiny"), built once per session (the same folder as ``tiny_qwen_image``)."""
+    """Alias of ``tiny_qwen_image`` (one tiny model per session)."""
     return tiny_qwen_image

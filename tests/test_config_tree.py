@@ -70,3 +70,12 @@ def test_missing_file_is_a_config_error(tmp_path):
 
 def test_parse_override_keeps_strings():
     assert parse_override("name=s3://bucket/run") == (["name"], "s3://bucket/run")
+
+
+def test_empty_mapping_in_yaml_or_set_empties_a_preset_dict(tmp_path):
+    preset = Run(extra={"a": 1.0})
+    p = tmp_path / "c.yaml"
+    p.write_text("extra: {}\n")
+    assert build(Run, preset, p).extra == {}
+    assert build(Run, preset, overrides=["extra={}"]).extra == {}
+    assert build(Run, preset, overrides=["extra.b=2"]).extra == {"a": 1.0, "b": 2.0}

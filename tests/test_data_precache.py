@@ -48,7 +48,7 @@ def _config(source: str, output: str, model: str) -> PrecacheConfig:
     return PrecacheConfig(
         data=DatasetConfig(source=source, resolution=32, min_size=16, bad_share_limit=0.5, decode_num_cpus=0.5),
         encode=EncodeConfig(model_path=model, device="cpu", dtype="float32", batch_size=8, concurrency=1,
-                            num_gpus=0.0, max_sequence_length=64),
+                            num_gpus=0.0, max_sequence_length=512),
         output=output, part_rows=16)
 
 
@@ -99,11 +99,11 @@ def test_cache_equals_encoding_directly_with_diffusers(cached, tiny_model):
             want = (pipe.vae.encode(x[:, :, None]).latent_dist.mean[:, :, 0] - mean) / std
             got = bytes_to_tensor(row["latents"], "float32", row["latents_shape"])
             torch.testing.assert_close(got, want[0], atol=1e-5, rtol=1e-5)
-            emb, _ = pipe.encode_prompt(text, device="cpu", max_sequence_length=64)
+            emb, _ = pipe.encode_prompt(text, device="cpu", max_sequence_length=512)
             got_emb = bytes_to_tensor(row["prompt_embeds"], "float32", (row["prompt_len"], -1))
             torch.testing.assert_close(got_emb, emb[0], atol=1e-5, rtol=1e-5)
         uncond = load_uncond(cfg.output, fs)
-        emb, _ = pipe.encode_prompt(UNCOND_PROMPT, device="cpu", max_sequence_length=64)
+        emb, _ = pipe.encode_prompt(UNCOND_PROMPT, device="cpu", max_sequence_length=512)
     torch.testing.assert_close(uncond["prompt_embeds"], emb)
     assert uncond["prompt_mask"].shape == emb.shape[:2] and uncond["prompt_mask"].eq(1).all()
 
@@ -124,6 +124,8 @@ def test_cache_reads_back_as_training_batches(cached):
         assert b["prompt_mask"].sum(1).max() == b["prompt_mask"].shape[1]  # padded to the batch's longest
         padded = b["prompt_embeds"][b["prompt_mask"] == 0]
         assert padded.abs().sum() == 0
+    # the digits captions alternate between a short and a long template, so some rows were padded
+    assert any(b["prompt_mask"].eq(0).any() for b in batches)
     # 20 of the 24 rows are served (4 batches of 5); their prompt lengths are the cached ones
     served = sorted(int(n) for b in batches for n in b["prompt_mask"].sum(1))
     assert len(served) == 20 and set(served) <= set(lengths.values())
@@ -186,6 +188,22 @@ def test_other_settings_on_the_same_output_are_refused(cached):
         run_precache(other, filesystem_in=cached["fs"], filesystem_out=cached["fs"])
 
 
+def test_job_stops_on_a_bad_shard_and_names_it(tmp_path, tiny_model, ray_local, capsys):
+    src = tmp_path / "src"
+    # shard-00001: 4 unusable of 12 samples (33 %) > data.bad_share_limit 0.2
+    write_digits_dataset(str(src), "parquet", n=16, shards=2, bad={UNDECODABLE: 2, NO_CAPTION: 2}, bad_shard=1)
+    out = tmp_path / "out"
+    job = _load_job()
+    code = job.main(["--preset", "tiny", "--set", f"data.source={src}", "--set", f"output={out}",
+                     "--set", f"encode.model_path={tiny_model}", "--set", "data.resolution=32",
+                     "--set", "data.bad_share_limit=0.2"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "precache stopped: shard " in err and "shard-00001.parquet: 4 of 12 samples unusable" in err
+    assert "no_caption=2, undecodable=2" in err and "data.bad_share_limit=0.2" in err
+    assert not (out / "manifest.json").exists() and not (out / "_shards" / "shard-00001.json").exists()
+
+
 def test_cli_dry_run_prints_plan_and_config_errors_exit_2(tmp_path):
     src = tmp_path / "src"
     write_digits_dataset(str(src), "webdataset", n=4, shards=2)
@@ -211,7 +229,7 @@ def test_equal_batches_per_rank_through_torchtrainer(cached, tmp_path, tiny_mode
     raw = open_training_data(DatasetConfig(source=raw_uri, resolution=64, crop="buckets", min_size=16,
                                            decode_num_cpus=0.5),
                              batch_size=2, model_path=tiny_model, encode_device="cpu", encode_dtype="float32",
-                             max_sequence_length=64)
+                             max_sequence_length=512)
     assert raw.spec.equalize
 
     def loop(config):

@@ -47,6 +47,23 @@ def test_tiny_study_through_ray_train_writes_the_documented_schema(ray_local, tm
     assert results["timing"]["digits/twinflow"]["train_s"] > 0
 
 
+def test_lambda_sweep_writes_a_curve_over_lambda(ray_local, tmp_path):
+    from twinflow.config.tree import build
+    from twinflow.study.config import quick
+    from twinflow.study.runner import run_study
+
+    cfg = build(type(quick()), quick(), overrides=[
+        f"out={tmp_path}", "datasets=[digits]", "sweep_lam=[0.0, 0.5]", "digits.steps=30", "digits.log_every=10",
+        "eval.nfe=[1]"])
+    results = run_study(cfg, log=lambda *_: None)
+    sweep = json.loads((tmp_path / "results.json").read_text())["lam_sweep"]["digits"]
+    assert set(sweep) == {"0.0000", "0.5000"}
+    assert sweep["0.0000"]["nfe_1"]["frechet"] != sweep["0.5000"]["nfe_1"]["frechet"]
+    assert "digits" not in results  # the sweep replaces the method comparison
+    assert "## λ sweep on digits" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "lam_sweep.png").stat().st_size > 1000
+
+
 def test_bad_cli_values_fail_before_ray_with_one_line():
     proc = subprocess.run([sys.executable, str(ROOT / "jobs/small_scale_study.py"), "--quick", "--datasets", "cifar"],
                           capture_output=True, text=True, timeout=120)

@@ -174,9 +174,10 @@ def set_dotted(data: dict, keys: list[str], value: Any) -> None:
 
 
 def deep_merge(base: dict, update: Mapping) -> dict:
+    """Nested mappings merge key by key; an explicit empty mapping ({}) replaces (empties) the base."""
     out = copy.deepcopy(base)
     for k, v in update.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+        if isinstance(v, Mapping) and v and isinstance(out.get(k), dict):
             out[k] = deep_merge(out[k], v)
         else:
             out[k] = copy.deepcopy(v)

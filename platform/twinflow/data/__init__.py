@@ -1,14 +1,14 @@
 """Image-text data on Ray Data: raw readers (parquet / WebDataset / image folder, local or S3),
 transforms, the latent cache written by jobs/precache.py, and the per-worker training iterator.
 
-    config.py      DatasetConfig (the ``data`` section of every job), skip-reason names
+    config.py      DatasetConfig (the ``data`` section of every job), skip-reason names, PrecacheConfig
     fs.py          filesystem_for(uri) -> (pyarrow filesystem, path): S3 from AWS_* variables
     sources.py     shards of each layout and the (key, image bytes, caption) samples in them
     transforms.py  decode / orient / resize / centre-crop or bucket, uint8 -> [-1, 1]
     ingest.py      read_image_text: Ray Dataset of decoded rows, per-shard skip counts, bad-share limit
     encode.py      QwenImageEncoder: VAE posterior mean (normalised) + encode_prompt, pipeline APIs
     cache.py       latent cache layout, manifest, read_latent_cache, load_uncond
-    precache.py    PrecacheConfig and the resumable actor-pool pipeline behind jobs/precache.py
+    precache.py    the resumable actor-pool pipeline behind jobs/precache.py (config in config.py)
     loader.py      open_training_data + iter_training_batches for TorchTrainer workers
     digits.py      real small datasets (sklearn digits) in every layout, with planted bad samples
 """
@@ -18,12 +18,12 @@ transforms, the latent cache written by jobs/precache.py, and the per-worker tra
 _EXPORTS = {
     "twinflow.data.cache": ["CACHE_SCHEMA", "LatentCacheManifest", "load_uncond", "read_cache_table",
                             "read_latent_cache", "read_manifest"],
-    "twinflow.data.config": ["SKIP_REASONS", "DatasetConfig"],
+    "twinflow.data.config": ["SKIP_REASONS", "DatasetConfig", "EncodeConfig", "PrecacheConfig"],
     "twinflow.data.encode": ["UNCOND_PROMPT", "QwenImageEncoder", "pad_prompts"],
     "twinflow.data.fs": ["DataSourceError", "filesystem_for", "s3_filesystem_from_env"],
     "twinflow.data.ingest": ["ShardStats", "iter_decoded", "new_ledger", "read_image_text", "summarize"],
     "twinflow.data.loader": ["BatchSpec", "TrainingData", "iter_training_batches", "open_training_data"],
-    "twinflow.data.precache": ["EncodeConfig", "PrecacheConfig", "run_precache", "plan_precache"],
+    "twinflow.data.precache": ["run_precache", "plan_precache"],
     "twinflow.data.sources": ["BadDataError", "Shard", "list_shards"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -1,7 +1,8 @@
-"""The data config every job that reads image-text data embeds as its ``data`` section.
+"""Data configs: DatasetConfig (the ``data`` section of every job that reads image-text data) and
+the precache job's tree (PrecacheConfig = data + encode + output).
 
-One dataclass describes where the data lives, in which layout, and how images become training
-pixels; ``validate(path)`` raises ``ConfigError("<path>.<field>: ...")`` before Ray starts.
+DatasetConfig describes where the data lives, in which layout, and how images become training
+pixels; every ``validate(path)`` raises ``ConfigError("<path>.<field>: ...")`` before Ray starts.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ TOO_SMALL = "too_small"           # shorter side below data.min_size
 SKIP_REASONS = (UNDECODABLE, NO_IMAGE, NO_CAPTION, EMPTY_CAPTION, TOO_SMALL)
 
 LATENT_CACHE = "latent_cache"
+UNCOND_PROMPT = "Generate an image."  # TwinFlow's unconditional prompt (docs/DESIGN.md)
 RAW_FORMATS = ("parquet", "webdataset", "folder")
 
 
@@ -100,3 +102,60 @@ class DatasetConfig:
             require(not ext.startswith("."), f"{p}.image_extensions", f"write extensions without the dot: {ext!r}")
         for name, amount in self.decode_resources.items():
             require(amount > 0, f"{p}.decode_resources.{name}", f"must be > 0, got {amount}")
+
+
+# ----------------------------------------------------------------------------- precache job
+
+
+@dataclass
+class EncodeConfig:
+    model_path: str = ""
+    """Qwen-Image pipeline folder (diffusers layout) or hub id; only vae/text_encoder/tokenizer load.
+    "tiny" builds the random-weight test model (twinflow.models.tiny_qwen) in ~/.cache/twinflow."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Compute dtype of the encoders; auto = bf16 on GPU, fp32 on CPU."""
+    batch_size: int = 16
+    """Rows per encode call of an actor."""
+    concurrency: int = 1
+    """Encode actors (one model copy each)."""
+    num_gpus: float | None = None
+    """GPUs per actor; None = 1 when the cluster has GPUs, else 0."""
+    num_cpus: float = 1.0
+    resources: dict[str, float] = field(default_factory=dict)
+    max_sequence_length: int = 512
+    uncond_prompt: str = UNCOND_PROMPT
+
+    def validate(self, path: str = "encode") -> None:
+        require(bool(self.model_path), f"{path}.model_path", "set the Qwen-Image folder (or 'tiny' for the test model)")
+        require(self.batch_size >= 1, f"{path}.batch_size", "must be >= 1")
+        require(self.concurrency >= 1, f"{path}.concurrency", "must be >= 1 (number of encode actors)")
+        require(self.num_gpus is None or self.num_gpus >= 0, f"{path}.num_gpus", "must be >= 0 or null (auto)")
+        require(self.num_cpus > 0, f"{path}.num_cpus", "must be > 0")
+        require(1 <= self.max_sequence_length <= 1024, f"{path}.max_sequence_length",
+                "must be in [1, 1024] (QwenImagePipeline's limit)")
+        require(bool(self.uncond_prompt.strip()), f"{path}.uncond_prompt", "must not be blank")
+
+
+@dataclass
+class PrecacheConfig:
+    data: DatasetConfig = field(default_factory=DatasetConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+    output: str = ""
+    """Cache prefix, local or s3://bucket/prefix. Re-running on it resumes."""
+    cache_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """Storage dtype of latents and embeddings (training always receives float32)."""
+    part_rows: int = 256
+    """Rows per write task; a part file holds one shard's rows of it."""
+    write_num_cpus: float = 0.25
+    overwrite: bool = False
+    """Wipe an output made with other settings (otherwise that is an error)."""
+
+    def validate(self, path: str = "") -> None:
+        p = f"{path}." if path else ""
+        require(bool(self.output), f"{p}output", "set the cache prefix (local path or s3://bucket/prefix)")
+        require(self.data.format != LATENT_CACHE, f"{p}data.format", "precache reads raw data, not a latent cache")
+        require(self.output.rstrip("/") != self.data.source.rstrip("/"), f"{p}output",
+                "must differ from data.source")
+        require(self.part_rows >= 1, f"{p}part_rows", "must be >= 1")
+        require(self.write_num_cpus > 0, f"{p}write_num_cpus", "must be > 0")

@@ -1,7 +1,7 @@
 """Small real image-text datasets from scikit-learn's bundled handwritten digits, in every layout.
 
 For tests, benchmarks and the CPU demo: the 1,797 8×8 digit scans that ship inside scikit-learn
-(real data, no download), upscaled to RGB PNG/JPEG with captions "a handwritten digit seven".
+(real data, no download), upscaled to RGB PNG/JPEG with captions such as "a handwritten digit seven".
 Bad samples can be planted on purpose (``bad={"undecodable": 1, "no_caption": 1, ...}``) and the
 returned DigitsDataset says exactly what a reader must count, per shard.
 
@@ -26,8 +26,12 @@ from twinflow.data.fs import filesystem_for, join, write_bytes_atomic
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
-def caption_for(label: int) -> str:
-    return f"a handwritten digit {NUMBER_WORDS[label]}"
+CAPTION_TEMPLATES = ("a handwritten digit {}", "a small black and white photo of the handwritten digit {}")
+
+
+def caption_for(label: int, index: int = 0) -> str:
+    """Caption of sample ``index``; two templates alternate so prompts differ in length."""
+    return CAPTION_TEMPLATES[index % len(CAPTION_TEMPLATES)].format(NUMBER_WORDS[label])
 
 
 def digit_images(n: int, size: int = 32, offset: int = 0,
@@ -81,8 +85,8 @@ def _samples(n: int, size: int, image_format: str, bad: dict[str, int], offset: 
              aspects: tuple[float, ...]) -> list[tuple[bytes | None, str | None]]:
     from PIL import Image
 
-    samples = [(encode(img, image_format), caption_for(label))
-               for label, img in digit_images(n, size, offset, aspects)]
+    samples = [(encode(img, image_format), caption_for(label, offset + j))
+               for j, (label, img) in enumerate(digit_images(n, size, offset, aspects))]
     good = samples[0][0]
     for reason, count in bad.items():
         for _ in range(count):

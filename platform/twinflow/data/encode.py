@@ -1,4 +1,4 @@
-"""Qwen-Image conditioning and latents from pixels and captions, with the pipeline's own APIs.
+"""Qwen-Image conditioning and latents from pixels and captions, for pre-caching and raw-data training.
 
 Only the VAE, text encoder and tokenizer are loaded: ``QwenImagePipeline.from_pretrained(path,
 transformer=None, scheduler=None)`` skips the 20B transformer entirely (diffusers leaves a
@@ -8,8 +8,10 @@ template, hidden state of the last layer, template tokens dropped); images throu
 
     latents = (posterior_mean − latents_mean) / latents_std,   frame axis dropped -> [B, C, H/8, W/8]
 
-(docs/DESIGN.md "Qwen-Image condition", METHOD.md §7). Used by the precache actors and, for small
-models, in-process by Train workers reading raw data.
+(docs/DESIGN.md "Qwen-Image condition", METHOD.md §7). The encoding itself is
+twinflow.models.qwen_encode's (shared with generation); this class owns loading the frozen parts
+once per actor/worker. Used by the precache actors and, for small models, in-process by Train
+workers reading raw data.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from functools import lru_cache
 
 import torch
 
-UNCOND_PROMPT = "Generate an image."
+from twinflow.data.config import UNCOND_PROMPT  # noqa: E402  (re-exported)
+from twinflow.models import qwen_encode
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -54,11 +58,7 @@ class QwenImageEncoder:
         self.pipe.to(self.device)
         self.model_path = str(model_path)
         if load_vae:
-            vae = self.pipe.vae
-            vae.eval().requires_grad_(False)
-            z = vae.config.z_dim
-            self.latents_mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32).view(1, z, 1, 1)
-            self.latents_std = torch.tensor(vae.config.latents_std, dtype=torch.float32).view(1, z, 1, 1)
+            self.pipe.vae.eval().requires_grad_(False)
         if load_text:
             self.pipe.text_encoder.eval().requires_grad_(False)
 
@@ -67,22 +67,15 @@ class QwenImageEncoder:
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """float [B, 3, H, W] in [-1, 1] (H, W multiples of 16) -> normalised latents float32 [B, C, H/8, W/8]."""
-        x = pixels.to(self.device, self.dtype).unsqueeze(2)  # the Qwen VAE is a video VAE: [B, C, T=1, H, W]
-        mean = self.pipe.vae.encode(x).latent_dist.mean[:, :, 0].float()
-        return (mean - self.latents_mean.to(mean.device)) / self.latents_std.to(mean.device)
+        return qwen_encode.encode_images(self.pipe.vae, pixels)
 
     # ------------------------------------------------------------------ prompts
 
     @torch.inference_mode()
     def encode_prompts(self, texts: list[str]) -> list[torch.Tensor]:
         """Per prompt, its float32 [L_i, D] embedding without padding (L_i = valid tokens)."""
-        embeds, mask = self.pipe.encode_prompt(list(texts), device=self.device,
-                                               max_sequence_length=self.max_sequence_length)
-        embeds = embeds.float()
-        if mask is None:  # encode_prompt drops the mask when no row is padded
-            return [e for e in embeds]
-        lengths = mask.sum(dim=1).tolist()
-        return [e[:n] for e, n in zip(embeds, lengths)]
+        cond = qwen_encode.encode_prompts(self.pipe, list(texts), self.max_sequence_length, device=self.device)
+        return qwen_encode.split_prompt_embeds(cond)
 
     def uncond(self, prompt: str = UNCOND_PROMPT) -> dict[str, torch.Tensor]:
         """The unconditional condition: {"prompt_embeds": [1, L, D] float32, "prompt_mask": [1, L] int64}."""
@@ -96,16 +89,8 @@ class QwenImageEncoder:
 
 
 def pad_prompts(embeds: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Zero-pad [L_i, D] embeddings to the longest: {"prompt_embeds": [B, L, D], "prompt_mask": [B, L] int64}."""
-    longest = max(e.shape[0] for e in embeds)
-    dim = embeds[0].shape[1]
-    device = embeds[0].device
-    out = torch.zeros(len(embeds), longest, dim, dtype=torch.float32, device=device)
-    mask = torch.zeros(len(embeds), longest, dtype=torch.int64, device=device)
-    for i, e in enumerate(embeds):
-        out[i, : e.shape[0]] = e.to(device, torch.float32)
-        mask[i, : e.shape[0]] = 1
-    return {"prompt_embeds": out, "prompt_mask": mask}
+    """Zero-pad [L_i, D] embeddings to the longest: {"prompt_embeds": [B, L, D] float32, "prompt_mask": [B, L] int64}."""
+    return qwen_encode.pad_prompt_embeds([e.cpu() for e in embeds], dtype=torch.float32)
 
 
 @lru_cache(maxsize=2)

@@ -37,10 +37,6 @@ class DataSourceError(RuntimeError):
     """The data source cannot be reached or read (missing path, bad credentials, no endpoint)."""
 
 
-def is_remote(uri: str) -> bool:
-    return "://" in str(uri) and not str(uri).startswith("file://")
-
-
 def s3_filesystem_from_env(env: dict | None = None, allow_bucket_creation: bool = False) -> pafs.S3FileSystem:
     """An S3FileSystem configured from the AWS_* variables of ``env`` (default: os.environ)."""
     env = os.environ if env is None else env

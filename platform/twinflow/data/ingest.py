@@ -196,12 +196,17 @@ def iter_decoded(cfg: DatasetConfig, *, filesystem=None, shards: list[Shard] | N
 
 
 def find_bad_data_error(exc: BaseException) -> BadDataError | None:
-    """The BadDataError inside an exception raised through Ray (task errors wrap the original)."""
+    """The original BadDataError inside an exception raised through Ray.
+
+    Ray re-raises a task's error as a RayTaskError subclass of the original type whose message is
+    the remote traceback; the original object is its ``cause``. Ray Data may wrap it once more.
+    """
     seen = set()
+    found = None
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if isinstance(exc, BadDataError):
-            return exc
-        cause = getattr(exc, "cause", None)  # RayTaskError keeps the original here
+            found = exc  # keep going: a wrapper's message is a traceback, the cause's is ours
+        cause = getattr(exc, "cause", None)
         exc = cause if isinstance(cause, BaseException) else (exc.__cause__ or exc.__context__)
-    return None
+    return found

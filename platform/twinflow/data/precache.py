@@ -21,75 +21,22 @@ import hashlib
 import json
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Literal
+from dataclasses import asdict, dataclass
+from typing import Callable
 
 import numpy as np
 
-from twinflow.config.errors import ConfigError, require
+from twinflow.config.errors import ConfigError
 from twinflow.data.cache import (MANIFEST, MARKERS_DIR, PARTS_DIR, SETTINGS_FILE, UNCOND_FILE, LatentCacheManifest,
                                  ShardEntry, tensor_to_bytes, uncond_bytes, write_parts_udf)
-from twinflow.data.config import LATENT_CACHE, DatasetConfig
-from twinflow.data.encode import UNCOND_PROMPT, QwenImageEncoder
-from twinflow.data.fs import (delete_dir_if_exists, describe, exists, filesystem_for, join, list_files, read_bytes,
-                              write_bytes_atomic)
-from twinflow.data.ingest import find_bad_data_error, new_ledger, read_image_text, summarize, warn_missing_resources
+from twinflow.data.config import PrecacheConfig
+from twinflow.data.encode import QwenImageEncoder
+from twinflow.data.fs import (DataSourceError, delete_dir_if_exists, describe, exists, filesystem_for, join,
+                              list_files, read_bytes, write_bytes_atomic)
+from twinflow.data.ingest import (find_bad_data_error, new_ledger, read_image_text, summarize,
+                                  warn_missing_resources)
 from twinflow.data.sources import BadDataError, Shard, detect_format, list_shards
 from twinflow.data.transforms import to_model_pixels
-
-
-@dataclass
-class EncodeConfig:
-    model_path: str = ""
-    """Qwen-Image pipeline folder (diffusers layout) or hub id; only vae/text_encoder/tokenizer load.
-    "tiny" builds the random-weight test model (twinflow.models.tiny_qwen) in ~/.cache/twinflow."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Compute dtype of the encoders; auto = bf16 on GPU, fp32 on CPU."""
-    batch_size: int = 16
-    """Rows per encode call of an actor."""
-    concurrency: int = 1
-    """Encode actors (one model copy each)."""
-    num_gpus: float | None = None
-    """GPUs per actor; None = 1 when the cluster has GPUs, else 0."""
-    num_cpus: float = 1.0
-    resources: dict[str, float] = field(default_factory=dict)
-    max_sequence_length: int = 512
-    uncond_prompt: str = UNCOND_PROMPT
-
-    def validate(self, path: str = "encode") -> None:
-        require(bool(self.model_path), f"{path}.model_path", "set the Qwen-Image folder (or 'tiny' for the test model)")
-        require(self.batch_size >= 1, f"{path}.batch_size", "must be >= 1")
-        require(self.concurrency >= 1, f"{path}.concurrency", "must be >= 1 (number of encode actors)")
-        require(self.num_gpus is None or self.num_gpus >= 0, f"{path}.num_gpus", "must be >= 0 or null (auto)")
-        require(self.num_cpus > 0, f"{path}.num_cpus", "must be > 0")
-        require(1 <= self.max_sequence_length <= 1024, f"{path}.max_sequence_length",
-                "must be in [1, 1024] (QwenImagePipeline's limit)")
-        require(bool(self.uncond_prompt.strip()), f"{path}.uncond_prompt", "must not be blank")
-
-
-@dataclass
-class PrecacheConfig:
-    data: DatasetConfig = field(default_factory=DatasetConfig)
-    encode: EncodeConfig = field(default_factory=EncodeConfig)
-    output: str = ""
-    """Cache prefix, local or s3://bucket/prefix. Re-running on it resumes."""
-    cache_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    """Storage dtype of latents and embeddings (training always receives float32)."""
-    part_rows: int = 256
-    """Rows per write task; a part file holds one shard's rows of it."""
-    write_num_cpus: float = 0.25
-    overwrite: bool = False
-    """Wipe an output made with other settings (otherwise that is an error)."""
-
-    def validate(self, path: str = "") -> None:
-        p = f"{path}." if path else ""
-        require(bool(self.output), f"{p}output", "set the cache prefix (local path or s3://bucket/prefix)")
-        require(self.data.format != LATENT_CACHE, f"{p}data.format", "precache reads raw data, not a latent cache")
-        require(self.output.rstrip("/") != self.data.source.rstrip("/"), f"{p}output",
-                "must differ from data.source")
-        require(self.part_rows >= 1, f"{p}part_rows", "must be >= 1")
-        require(self.write_num_cpus > 0, f"{p}write_num_cpus", "must be > 0")
 
 
 def settings_of(cfg: PrecacheConfig) -> dict:
@@ -195,8 +142,13 @@ def resolve_model_path(path: str, build: bool = True) -> str:
 def vae_info(model_path: str) -> dict:
     from diffusers import AutoencoderKLQwenImage
 
-    config = AutoencoderKLQwenImage.load_config(model_path, subfolder="vae")
-    return {"path": model_path, "latents_mean": list(config["latents_mean"]), "latents_std": list(config["latents_std"]),
+    try:
+        config = AutoencoderKLQwenImage.load_config(model_path, subfolder="vae")
+    except (OSError, ValueError) as exc:
+        raise DataSourceError(f"encode.model_path={model_path}: not a readable Qwen-Image pipeline folder or hub id "
+                              f"(its vae/config.json: {str(exc).splitlines()[0]})") from exc
+    return {"path": model_path, "latents_mean": list(config["latents_mean"]),
+            "latents_std": list(config["latents_std"]),
             "z_dim": int(config["z_dim"])}
 
 
@@ -281,6 +233,7 @@ def run_precache(cfg: PrecacheConfig, *, filesystem_in=None, filesystem_out=None
     settings = settings_of(cfg)
     settings["model_path"] = model_path
     fp = fingerprint(settings)
+    model_info = vae_info(model_path)  # fails fast on a wrong model path, before any encoding
     _claim_output(fs_out, root, settings, fp, cfg.overwrite)
 
     markers = _read_markers(fs_out, root)
@@ -314,8 +267,7 @@ def run_precache(cfg: PrecacheConfig, *, filesystem_in=None, filesystem_out=None
         write_bytes_atomic(fs_out, uncond_path, ray.get(task.remote(
             model_path, device, cfg.encode.dtype, cfg.encode.max_sequence_length, cfg.encode.uncond_prompt)))
 
-    manifest = _write_manifest(cfg, shards, source_format, fs_in, root_in, fs_out, root, markers, fp, settings,
-                               model_path)
+    manifest = _write_manifest(cfg, shards, source_format, fs_out, root, markers, fp, settings, model_info)
     return PrecacheResult(manifest=manifest, output=cfg.output, encoded_shards=[s.id for s in pending],
                           reused_shards=sorted(done), seconds=time.perf_counter() - t0)
 
@@ -378,8 +330,8 @@ def _encode_pending(cfg, pending, fs_in, fs_out, root, fp, model_path, device, a
         ray.kill(ledger)
 
 
-def _write_manifest(cfg, shards, source_format, fs_in, root_in, fs_out, root, markers, fp, settings,
-                    model_path) -> LatentCacheManifest:
+def _write_manifest(cfg, shards, source_format, fs_out, root, markers, fp, settings,
+                    model_info: dict) -> LatentCacheManifest:
     entries = [markers[s.id] for s in shards]
     shapes = sorted({tuple(x) for e in entries for x in e["latent_shapes"]})
     dims = {e["embed_dim"] for e in entries if e["embed_dim"] is not None}
@@ -394,7 +346,7 @@ def _write_manifest(cfg, shards, source_format, fs_in, root_in, fs_out, root, ma
         dtype=cfg.cache_dtype,
         source={"uri": cfg.data.source, "format": source_format, "shards": len(shards),
                 "fingerprint": fingerprint([s.fingerprint for s in shards])},
-        model=vae_info(model_path),
+        model=model_info,
         settings={**settings, "fingerprint": fp},
         latent_shapes=[list(s) for s in shapes],
         embed_dim=dims.pop() if dims else int(uncond["prompt_embeds"].shape[-1]),

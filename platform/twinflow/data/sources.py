@@ -126,7 +126,8 @@ def _folder_shards(cfg: DatasetConfig, fs, base: str, files: list[pafs.FileInfo]
         mtime = max(max(i.mtime_ns or 0, (c.mtime_ns or 0) if c else 0) for i, c in chunk)
         shards.append(Shard(id=f"folder-{start // n:06d}", format="folder",
                             uri=f"{describe(fs, base)} [{posixpath.relpath(chunk[0][0].path, base)} ...]",
-                            paths=tuple(i.path for i, _ in chunk), captions=tuple(c.path if c else "" for _, c in chunk),
+                            paths=tuple(i.path for i, _ in chunk),
+                            captions=tuple(c.path if c else "" for _, c in chunk),
                             size=sizes, mtime_ns=mtime))
     return shards
 

@@ -64,6 +64,9 @@ class StudyConfig:
                                                                            net=NetSettings(width=256, depth=4)))
     mixture: MixtureSettings = field(default_factory=MixtureSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
+    sweep_lam: list[float] = field(default_factory=list)
+    """λ values for the λ ablation (--sweep-lam): TwinFlow alone on ``datasets`` at each λ, scored
+    at 1 NFE (plus the other eval.nfe), written as results["lam_sweep"] and a λ plot."""
 
     def validate(self, path: str = "") -> None:
         for name in self.datasets:
@@ -78,6 +81,7 @@ class StudyConfig:
         require(all(k >= 1 for k in self.eval.nfe), "eval.nfe", "every NFE must be >= 1")
         require(self.eval.seeds >= 1, "eval.seeds", "must be >= 1")
         require(self.mixture.modes >= 1, "mixture.modes", "must be >= 1")
+        require(all(0 <= lam <= 1 for lam in self.sweep_lam), "sweep_lam", "every λ must be in [0, 1]")
 
 
 def full() -> StudyConfig:
@@ -95,6 +99,9 @@ def quick() -> StudyConfig:
         s.ema_decay = 0.99  # a 0.999 average would still remember the initial weights
     cfg.eval = EvalSettings(nfe=[1, 2, 4, 100], seeds=1, mixture_samples=5000)
     return cfg
+
+
+PAPER_LAMBDAS = [0.0, 1 / 6, 1 / 3, 1 / 2, 2 / 3]
 
 
 PRESETS = {"full": full, "quick": quick}

@@ -18,6 +18,7 @@ LOWER_IS_BETTER = {"frechet", "sliced_w2", "off_mode"}
 
 def write_markdown(path: Path, results: dict, cfg) -> str:
     lines = ["# Small-scale study", ""]
+    lines += _lambda_table(results.get("lam_sweep", {}), results.get("reference", {}), cfg)
     for ds in cfg.datasets:
         if ds not in results:
             continue
@@ -32,13 +33,50 @@ def write_markdown(path: Path, results: dict, cfg) -> str:
                 cells = [f"{row[c]:.3f} ± {row[c + '_std']:.3f}" for c in cols]
                 lines.append(f"| {method} | {key.removeprefix('nfe_')} | " + " | ".join(cells) + f" | {row['sampler']} |")
         ref = results.get("reference", {}).get(ds)
-        if ref:
+        if ref and ds in results:
             cells = [f"{ref[c]:.3f}" if c in ref else "—" for c in cols]
             lines.append("| real vs real | — | " + " | ".join(cells) + " | floor |")
         lines.append("")
     text = "\n".join(lines)
     path.write_text(text)
     return text
+
+
+def _lambda_table(sweep: dict, reference: dict, cfg) -> list[str]:
+    lines = []
+    for ds, by_lam in sweep.items():
+        cols = COLUMNS[ds]
+        lines += [f"## λ sweep on {ds}: TwinFlow at 1 NFE ({getattr(cfg, ds).steps} steps, {cfg.eval.seeds} eval seed(s))",
+                  "", "| λ | " + " | ".join(f"{c} {'↓' if c in LOWER_IS_BETTER else '↑'}" for c in cols) + " |",
+                  "|---|" + "---|" * len(cols)]
+        for lam, by_nfe in sorted(by_lam.items(), key=lambda kv: float(kv[0])):
+            row = by_nfe["nfe_1"]
+            lines.append(f"| {float(lam):.3f} | " + " | ".join(f"{row[c]:.3f} ± {row[c + '_std']:.3f}" for c in cols) + " |")
+        ref = reference.get(ds, {})
+        lines += ["| real vs real | " + " | ".join(f"{ref[c]:.3f}" if c in ref else "—" for c in cols) + " |", ""]
+    return lines
+
+
+def save_lambda_plot(path: Path, sweep: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for ds, by_lam in sweep.items():
+        cols = COLUMNS[ds][:3]
+        lams = sorted(by_lam, key=float)
+        fig, axes = plt.subplots(1, len(cols), figsize=(4 * len(cols), 3.2))
+        for ax, c in zip(np.atleast_1d(axes), cols):
+            ys = [by_lam[k]["nfe_1"][c] for k in lams]
+            es = [by_lam[k]["nfe_1"][c + "_std"] for k in lams]
+            ax.errorbar([float(k) for k in lams], ys, yerr=es, marker="o")
+            ax.axvline(1 / 3, color="grey", ls=":", lw=1)
+            ax.set_xlabel("λ")
+            ax.set_title(f"{ds}: {c} at 1 NFE")
+        fig.tight_layout()
+        fig.savefig(path.with_name(f"{path.stem}_{ds}{path.suffix}") if len(sweep) > 1 else path, dpi=80)
+        plt.close(fig)
 
 
 def save_grids(out: Path, dataset: str, method: str, samples: dict[int, torch.Tensor], data) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from twinflow.study.config import StudyConfig
 from twinflow.study.datasets import Digits, Mixture2D
 from twinflow.study.metrics import DigitsJudge, mixture_floor, score_mixture
 from twinflow.study.ray_job import fit_runs, load_dataset
-from twinflow.study.report import save_grids, write_markdown
+from twinflow.study.report import save_grids, save_lambda_plot, write_markdown
 
 
 def sampler_for(method: str, nfe: int, cfg: StudyConfig) -> SamplerConfig:
@@ -72,12 +73,25 @@ def reference_floor(data: Digits | Mixture2D, cfg: StudyConfig, judge: DigitsJud
     return {m: float(np.mean([f[m] for f in floors])) for m in floors[0]} | {"samples": cfg.eval.mixture_samples}
 
 
+def study_runs(cfg: StudyConfig) -> list[dict]:
+    """(dataset, method) runs of the comparison, or TwinFlow at each λ for --sweep-lam."""
+    if cfg.sweep_lam:
+        runs = []
+        for d in cfg.datasets:
+            for lam in cfg.sweep_lam:
+                method = replace(cfg.method.twinflow, lam=lam, block_weights=None)
+                runs.append({"dataset": d, "method_name": f"twinflow_lam{lam:.4f}", "method": method,
+                             "train": getattr(cfg, d), "lam": lam})
+        return runs
+    return [{"dataset": d, "method_name": m, "method": getattr(cfg.method, m), "train": getattr(cfg, d)}
+            for d in cfg.datasets for m in cfg.methods]
+
+
 def run_study(cfg: StudyConfig, log=print) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     connect()
-    runs = [{"dataset": d, "method_name": m, "method": getattr(cfg.method, m), "train": getattr(cfg, d)}
-            for d in cfg.datasets for m in cfg.methods]
+    runs = study_runs(cfg)
     log(f"training {len(runs)} runs ({', '.join(r['dataset'] + '/' + r['method_name'] for r in runs)}) "
         f"on {cfg.workers} Ray Train workers")
     t0 = time.time()
@@ -89,20 +103,28 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
     reference: dict = {}
     timing: dict = {"train_job_s": round(time.time() - t0, 1)}
     judges: dict = {}
+    sweep: dict = {}
     for run, tr in zip(runs, trained):
         ds, method = run["dataset"], run["method_name"]
         data = load_dataset(ds, cfg.mixture.modes, cfg.mixture.seed)
         if ds not in judges:
             judges[ds] = DigitsJudge.fit(data) if isinstance(data, Digits) else None
-            results[ds] = {}
             reference[ds] = reference_floor(data, cfg, judges[ds])
         t1 = time.time()
-        results[ds][method], samples = evaluate(tr.net, method, data, cfg, judges[ds])
+        sampler_name = "twinflow" if "lam" in run else method
+        scores, samples = evaluate(tr.net, sampler_name, data, cfg, judges[ds])
+        if "lam" in run:
+            sweep.setdefault(ds, {})[f"{run['lam']:.4f}"] = scores
+        else:
+            results.setdefault(ds, {})[method] = scores
+            save_grids(out, ds, method, samples, data)
         timing[f"{ds}/{method}"] = {"train_s": round(tr.train_s, 1), "eval_s": round(time.time() - t1, 1),
                                     "final_loss": tr.history[-1].get("loss/total")}
-        save_grids(out, ds, method, samples, data)
         log(f"{ds}/{method}: evaluated in {time.time() - t1:.0f}s")
     timing["total_s"] = round(time.time() - t0, 1)
+    if sweep:
+        results["lam_sweep"] = sweep
+        save_lambda_plot(out / "lam_sweep.png", sweep)
     results["reference"] = reference
     results["timing"] = timing
     (out / "results.json").write_text(json.dumps(results, indent=2))

@@ -155,7 +155,8 @@ class SeaweedS3:
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"S3 port of weed did not answer within {timeout:.0f} s; log tail:\n{self.log_tail()}")
+                raise RuntimeError(f"S3 port of weed did not answer within {timeout:.0f} s; log tail:\n"
+                                   f"{self.log_tail()}")
             time.sleep(0.2)
         # 2) a signed write and read succeed (filer and volume server registered with the master)
         fs = self.filesystem(allow_bucket_creation=True)
@@ -208,8 +209,9 @@ class SeaweedS3:
     # ------------------------------------------------------------------ clients
 
     def env(self) -> dict[str, str]:
-        """Environment for clients that configure themselves from it (twinflow.data.fs, s3fs/botocore,
-        the AWS CLI). pyarrow's own S3FileSystem needs the bridge in twinflow.data.fs for the endpoint."""
+        """AWS_* variables for clients that configure themselves from them: twinflow.data.fs.filesystem_for,
+        s3fs/botocore, ``pyarrow.fs.FileSystem.from_uri``. (A bare ``pyarrow.fs.S3FileSystem()`` ignores
+        AWS_ENDPOINT_URL; filesystem_for bridges it.)"""
         return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": self.access_key,
                 "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_REGION": self.region,
                 "AWS_DEFAULT_REGION": self.region}

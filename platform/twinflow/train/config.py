@@ -332,7 +332,7 @@ def tiny() -> TrainConfig:
                                    dtype="float32", lora=LoraSettings(rank=8, alpha=8.0)),
         data=DatasetConfig(source=DIGITS_SOURCE, format="parquet", resolution=64, min_size=16,
                            decode_batch_rows=32, decode_num_cpus=0.5),
-        encode=EncodeSettings(max_sequence_length=32, device="cpu", dtype="float32"),
+        encode=EncodeSettings(max_sequence_length=512, device="cpu", dtype="float32"),  # caps, never truncates here
         twinflow=TwinFlowConfig(teacher="ema", teacher_ema_decay=0.99),
         optim=OptimConfig(lr=1e-3, schedule="cosine", warmup_steps=10, min_lr_ratio=0.1),
         # 3 per worker × 2 workers × 2 accumulation steps = 12: λ = 1/3 is realised exactly (2/4/4/2 rows)
