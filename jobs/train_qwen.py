@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # run
 from twinflow.config import dump_yaml  # noqa: E402
 from twinflow.config.cli import add_config_args, exit_config_error, resolve_config  # noqa: E402
 from twinflow.config.errors import ConfigError  # noqa: E402
-from twinflow.train.config import PRESETS, TrainConfig  # noqa: E402
+from twinflow.train.config import TrainConfig  # noqa: E402
+from twinflow.train.presets import PRESETS  # noqa: E402
 from twinflow.train.plan import dry_run_report, format_batch_plan  # noqa: E402
 
 

@@ -16,7 +16,8 @@ from twinflow.config.errors import ConfigError
 from twinflow.config.tree import build
 from twinflow.method.blocks import BatchLayout, Block, allocate_micro_batch, block_counts
 from twinflow.method.config import TwinFlowConfig
-from twinflow.train.config import PRESETS, TrainConfig, qwen_image_full_zero3, qwen_image_lora, tiny
+from twinflow.train.config import TrainConfig
+from twinflow.train.presets import PRESETS, qwen_image_full_zero3, qwen_image_lora, tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "jobs" / "train_qwen.py"

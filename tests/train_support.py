@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 
 from twinflow.models.lora import LoraSettings
-from twinflow.train.config import RunSettings, SampleSettings, TrainConfig, tiny
+from twinflow.train.config import RunSettings, SampleSettings, TrainConfig
+from twinflow.train.presets import tiny
 
 DIGITS_ROWS = 48  # 24 rows per rank: 12 micro-batches of 2 = 6 optimizer steps per epoch
 LOSS_KEYS = ("loss/total", "loss/one_step", "loss/near_diag", "loss/any_step", "loss/fake", "loss/rectify",

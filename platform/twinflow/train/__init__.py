@@ -1,7 +1,8 @@
 """Training Qwen-Image with TwinFlow on Ray Train + DeepSpeed (the job behind jobs/train_qwen.py).
 
     config.py      TrainConfig: model / data / encode / twinflow / optim / deepspeed / scaling / run /
-                   sample / logging / debug sections, cross-section validation, presets
+                   sample / logging / debug sections, cross-section validation
+    presets.py     tiny (the CPU default), qwen-image-lora, qwen-image-full-zero3
     plan.py        --dry-run: per-rank, per-accumulation-step block sizes, realised λ, DeepSpeed
                    config, memory-plan hook
     ds_config.py   TrainConfig -> DeepSpeed config dict; the LR schedule (warm-up, constant/cosine)

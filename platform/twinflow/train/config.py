@@ -32,7 +32,6 @@ from twinflow.data.config import DatasetConfig
 from twinflow.method.blocks import BatchLayout, block_counts
 from twinflow.method.config import TwinFlowConfig
 from twinflow.models.config import QwenImageModelConfig
-from twinflow.models.lora import LoraSettings
 from twinflow.ray_resources import TRAIN
 
 TINY_MODEL = "tiny"
@@ -125,7 +124,8 @@ class ScalingSettings:
     timeout_s: int = 1800
     """Collective timeout (TorchConfig.timeout_s): a dead peer fails the step instead of hanging."""
     threads_per_worker: int = 0
-    """torch CPU threads per worker; 0 = the worker's CPU share, at least 1."""
+    """torch CPU threads per worker; 0: the CPU count in resources_per_worker (at least 1), or, when
+    it asks for none, the node's cores divided by its workers."""
 
     def validate(self, path: str = "scaling") -> None:
         require(self.num_workers >= 1, f"{path}.num_workers", "must be >= 1")
@@ -317,64 +317,3 @@ class TrainConfig:
         if dbg.nan_at_steps:
             require(dbg.nan_rank < self.scaling.num_workers, "debug.nan_rank",
                     f"must be < scaling.num_workers ({self.scaling.num_workers})")
-
-
-# ---------------------------------------------------------------------------
-# presets
-# ---------------------------------------------------------------------------
-
-
-def tiny() -> TrainConfig:
-    """The no-argument default: tiny random-weight Qwen-Image, sklearn digits, 2 CPU workers, ZeRO-2 LoRA
-    with a LoRA-EMA teacher, local storage under ./runs; a few minutes on 2 cores."""
-    return TrainConfig(
-        model=QwenImageModelConfig(path=TINY_MODEL, mode="lora", ema=True, gradient_checkpointing=False,
-                                   dtype="float32", lora=LoraSettings(rank=8, alpha=8.0)),
-        data=DatasetConfig(source=DIGITS_SOURCE, format="parquet", resolution=64, min_size=16,
-                           decode_batch_rows=32, decode_num_cpus=0.5),
-        encode=EncodeSettings(max_sequence_length=512, device="cpu", dtype="float32"),  # caps, never truncates here
-        twinflow=TwinFlowConfig(teacher="ema", teacher_ema_decay=0.99),
-        optim=OptimConfig(lr=1e-3, schedule="cosine", warmup_steps=10, min_lr_ratio=0.1),
-        # 3 per worker × 2 workers × 2 accumulation steps = 12: λ = 1/3 is realised exactly (2/4/4/2 rows)
-        deepspeed=DeepSpeedSettings(zero_stage=2, precision="auto", micro_batch_per_gpu=3, gradient_accumulation=2),
-        scaling=ScalingSettings(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 0.5}, timeout_s=600),
-        run=RunSettings(name="tiny-digits", storage_path="./runs", max_steps=120, checkpoint_every=40, num_to_keep=2,
-                        max_failures=1, export_pipeline=True),
-        sample=SampleSettings(prompts=["a handwritten digit three", "a handwritten digit seven"], seeds=[0, 1],
-                              height=64, width=64),
-    )
-
-
-def qwen_image_lora() -> TrainConfig:
-    """Qwen-Image 20B, LoRA r64 (the reference's 2-order LoRA recipe, METHOD.md §7), ZeRO-2, bf16,
-    one 8-GPU node, pre-cached latents on S3. jobs/configs/qwen_image_lora.yaml serialises it."""
-    return TrainConfig(
-        model=QwenImageModelConfig(path="Qwen/Qwen-Image", mode="lora", ema=True, dtype="bfloat16",
-                                   gradient_checkpointing=True, lora=LoraSettings(rank=64, alpha=64.0)),
-        data=DatasetConfig(source="s3://your-bucket/qwen-image/latents-512", format="latent_cache", resolution=512),
-        twinflow=TwinFlowConfig(teacher="ema", teacher_ema_decay=0.99, enhance_ratio=0.8),
-        optim=OptimConfig(lr=1e-4, betas=(0.9, 0.99)),
-        deepspeed=DeepSpeedSettings(zero_stage=2, precision="bf16", micro_batch_per_gpu=4),
-        scaling=ScalingSettings(num_workers=8, use_gpu=True),
-        run=RunSettings(name="qwen-image-lora", storage_path="s3://your-bucket/twinflow/runs", max_steps=10000,
-                        checkpoint_every=500),
-        sample=SampleSettings(height=1024, width=1024),
-    )
-
-
-def qwen_image_full_zero3() -> TrainConfig:
-    """Qwen-Image 20B full-parameter (E2 target-time embedder), ZeRO-3 over two 8-GPU nodes, bf16."""
-    return TrainConfig(
-        model=QwenImageModelConfig(path="Qwen/Qwen-Image", mode="full", dtype="bfloat16", gradient_checkpointing=True),
-        data=DatasetConfig(source="s3://your-bucket/qwen-image/latents-512", format="latent_cache", resolution=512),
-        twinflow=TwinFlowConfig(teacher="self", enhance_ratio=0.8),
-        optim=OptimConfig(lr=1e-5, betas=(0.9, 0.99)),
-        deepspeed=DeepSpeedSettings(zero_stage=3, precision="bf16", micro_batch_per_gpu=2),
-        scaling=ScalingSettings(num_workers=16, use_gpu=True),
-        run=RunSettings(name="qwen-image-full", storage_path="s3://your-bucket/twinflow/runs", max_steps=10000,
-                        checkpoint_every=250),
-        sample=SampleSettings(height=1024, width=1024),
-    )
-
-
-PRESETS = {"tiny": tiny, "qwen-image-lora": qwen_image_lora, "qwen-image-full-zero3": qwen_image_full_zero3}

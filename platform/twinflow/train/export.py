@@ -45,20 +45,27 @@ def gather_transformer(engine, cfg: TrainConfig, rank: int, model_path: str):
         if rank != 0:
             return None
         state = torch.load(os.path.join(tmp, CONSOLIDATED), map_location="cpu", weights_only=True)
+    from accelerate import init_empty_weights
+
     from twinflow.models.lora import add_lora
     from twinflow.models.qwen_image import TwinFlowQwenImageTransformer2DModel
 
-    config = dict(velocity.transformer.config)
-    plain = TwinFlowQwenImageTransformer2DModel.from_config(config).to(cfg.model.torch_dtype)
-    if cfg.is_lora:
-        add_lora(plain, cfg.model.lora)
+    # A meta-device skeleton that takes the gathered tensors as they are (assign=True): at 20B a
+    # materialised fp32 model next to the gathered state dict would need ~120 GB of host memory.
+    with init_empty_weights():
+        plain = TwinFlowQwenImageTransformer2DModel.from_config(dict(velocity.transformer.config))
+        if cfg.is_lora:
+            add_lora(plain, cfg.model.lora)
     prefix = "transformer."
     state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    missing, unexpected = plain.load_state_dict(state, strict=False)
-    if unexpected or [k for k in missing if ".ema." not in k]:
+    missing, unexpected = plain.load_state_dict(state, strict=False, assign=True)
+    if unexpected or missing:
         raise RuntimeError(f"consolidated ZeRO-3 weights do not fit the model: missing {missing[:3]}, "
                            f"unexpected {unexpected[:3]}")
-    return plain
+    buffers = [n for n, b in plain.named_buffers() if b.is_meta]
+    if buffers:
+        raise RuntimeError(f"consolidated ZeRO-3 state lacks buffers {buffers[:3]}")
+    return plain.requires_grad_(False)
 
 
 def write_final(transformer, cfg: TrainConfig, model_path: str, out_dir: str | Path, history: list[dict],

@@ -63,6 +63,7 @@ class Worker:
         self.mlflow_env = payload.get("mlflow_env")
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.local_world = ctx.get_local_world_size()
         self.faults = Faults(self.cfg.debug, self.rank)
         self.state = TrainState()
         self.tracker = None
@@ -79,10 +80,14 @@ class Worker:
         return torch.device("cpu")
 
     def _threads(self) -> int:
+        """torch CPU threads: the configured number, else the worker's CPU request, else (GPU workers
+        that ask for no CPUs) an equal share of the node's cores."""
         s = self.cfg.scaling
         if s.threads_per_worker:
             return s.threads_per_worker
-        return max(1, int(s.resources_per_worker.get("CPU", 1)))
+        if "CPU" in s.resources_per_worker:
+            return max(1, int(s.resources_per_worker["CPU"]))
+        return max(1, (os.cpu_count() or 1) // max(1, self.local_world))
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -200,7 +205,7 @@ class Worker:
         row.update({"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                     "images_per_s": layout.global_batch / dt, "step_time_s": dt,
                     "data_wait_s": float(sums[base + 2]) / self.world, "step_skipped": int(skipped),
-                    "bad_loss_ranks_x_micro": int(sums[base]), "peak_mem_gb": _peak_memory_gb(self.device)})
+                    "nonfinite_microbatches": int(sums[base]), "peak_mem_gb": _peak_memory_gb(self.device)})
         st = self.state
         if skipped:
             st.skipped_steps += 1

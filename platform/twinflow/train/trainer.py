@@ -64,7 +64,6 @@ def mlflow_env(cfg: TrainConfig) -> dict[str, str] | None:
 
 def build_trainer(cfg: TrainConfig, storage: RunStorage):
     """The TorchTrainer for ``cfg`` (Ray must be connected: the dataset is created here)."""
-    from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -82,9 +81,8 @@ def build_trainer(cfg: TrainConfig, storage: RunStorage):
                               max_sequence_length=enc.max_sequence_length)
     custom = {k: v for k, v in cfg.scaling.resources_per_worker.items() if k not in ("CPU", "GPU", "memory")}
     warn_missing_resources(custom, "scaling.resources_per_worker")
-    ingest = DataConfig.default_ingest_options()
-    ingest = ExecutionOptions(resource_limits=ingest.resource_limits, exclude_resources=ingest.exclude_resources,
-                              preserve_order=True, verbose_progress=ingest.verbose_progress)
+    ingest = DataConfig.default_ingest_options()  # Ray Train's defaults, plus a deterministic order
+    ingest.preserve_order = True
     payload = {"config": to_dict(work_cfg), "model_path": model_path, "batch_spec": data.spec,
                "storage": storage, "data_filesystem": data_fs, "mlflow_env": tracking_env}
     return TorchTrainer(
