@@ -16,7 +16,7 @@ tests/test_plan_calibration.py re-measures the sum):
   q, k fp32 copies (RMSNorm's pow)         2·4·D           2·4·D (0 when a = 4)
   q, k normalised (× norm weight)          2·a·D           — (frozen norm weight)
   joint q, k, v and SDPA output            4·a·D           4·a·D
-  attention output (input of to_out)       a·D             —
+  attention output (input of to_out)       — (a view of the SDPA output, already kept)
   to_out output (× gate)                   a·D             a·D
   img_norm2 input, its output              2·a·D           2·a·D
   modulated input of the MLP               a·D             —
@@ -26,7 +26,7 @@ tests/test_plan_calibration.py re-measures the sum):
         linear's input, lora_A output                      input to the adapter dtype) + l·r
   small: RMSNorm rsqrt, LayerNorm stats, SDPA log-sum-exp: 12·H + 16 bytes
 
-Full bf16: 17·a·D + 8·D + 2·a·F = 58·D bytes per token per block (≈ 174 KiB at D = 3072).
+Full bf16: 16·a·D + 8·D + 2·a·F = 56·D bytes per token per block (≈ 168 KiB at D = 3072).
 LoRA bf16 + fp32 adapters on all 14 targets: 12·a·D + 8·D + a·F + 4·(5·D + F) = 76·D.
 With gradient checkpointing each block keeps only its inputs (a·D per token); during backward
 one block at a time is recomputed with the full set above.
@@ -117,7 +117,8 @@ class ActivationModel:
         total += a * D                            # MLP output (× gate)
         total += 12 * self.shape.heads + SMALL_PER_TOKEN_CONST
         if full:
-            total += a * D + 2 * a * D + a * D + a * D + a * F  # inputs of the trained linears, q/k normalised
+            # inputs of the trained linears (to_out's is a view of the SDPA output: no extra), q/k normalised
+            total += a * D + 2 * a * D + a * D + a * F
             return total
         widths = {"qkv": D, "out": D, "mlp_in": D, "mlp_out": F}
         for site, width in widths.items():
@@ -126,7 +127,7 @@ class ActivationModel:
                 continue
             if lb != a:
                 total += len(names) * lb * width  # PEFT's cast copy per wrapped linear
-            else:
+            elif site != "out":                   # to_out's input is a view of the SDPA output
                 total += a * width                # the (shared) input itself, kept once
             total += len(names) * lb * self.lora_rank
         return total
@@ -140,9 +141,10 @@ class ActivationModel:
     def outside_saved_per_token(self) -> tuple[float, float]:
         """(per image token, per text token): img_in/txt_norm/txt_in/norm_out/proj_out."""
         a, D = self.act_bytes, self.shape.dim
+        rope = 4 * (D // self.shape.heads)  # the image RoPE table (complex64, head_dim/2), once per forward
         if self.mode == "full":
-            return 3 * a * D + a * self.shape.in_channels, 2 * a * self.shape.text_dim
-        return 2 * a * D, 0.0
+            return 3 * a * D + a * self.shape.in_channels + rope, 2 * a * self.shape.text_dim
+        return 2 * a * D + rope, 0.0
 
     # ---- a whole forward ---------------------------------------------------------------------
 

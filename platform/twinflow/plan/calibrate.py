@@ -40,17 +40,30 @@ class Rig:
     latents: torch.Tensor
     cond: dict
     uncond: dict
-    block_ids: torch.Tensor
+    block_ids: torch.Tensor | None
+    """Rows' blocks for ``method`` (the planned config's worst case); other methods get their own."""
     generator: torch.Generator
+    method: TwinFlowConfig | None = None
 
     def static_bytes(self) -> int:
         counted = tensor_bytes(self.transformer, self.optimizer, grads=False)
         batch = sum(t.numel() * t.element_size() for t in (self.latents, *self.cond.values(), *self.uncond.values()))
         return counted["params"] + counted["buffers"] + counted["optimizer"] + batch
 
+    def block_ids_for(self, method: TwinFlowConfig) -> torch.Tensor:
+        """``block_ids`` if given for this rig, else the method's own worst-case composition of B rows
+        (fm() puts every row in the near-diagonal block)."""
+        if self.block_ids is not None and method is self.method:
+            return self.block_ids
+        from twinflow.plan.forwards import worst_case_schedule
+
+        counts = worst_case_schedule(method, int(self.latents.shape[0])).counts
+        return torch.repeat_interleave(torch.arange(4), torch.tensor(counts)).to(self.latents.device)
+
     def step(self, method: TwinFlowConfig, measure: bool = False) -> StepResult:
         objective = TwinFlowObjective(method)
-        return objective_step(self.velocity, objective, self.optimizer, self.latents, self.cond, self.block_ids,
+        return objective_step(self.velocity, objective, self.optimizer, self.latents, self.cond,
+                              self.block_ids_for(method),
                               uncond=self.uncond if method.enhance_ratio > 0 else None, generator=self.generator,
                               measure=measure)
 
@@ -97,7 +110,7 @@ def build_rig(inputs: PlanInputs, device: str | torch.device = "cpu", seed: int 
               "prompt_mask": torch.ones(b, inputs.text_tokens, dtype=torch.long, device=device)}
     block_ids = torch.repeat_interleave(torch.arange(4), torch.tensor(counts)).to(device)
     return Rig(transformer=transformer, velocity=velocity, optimizer=optimizer, latents=latents, cond=cond,
-               uncond=uncond, block_ids=block_ids, generator=g)
+               uncond=uncond, block_ids=block_ids, generator=g, method=inputs.twinflow)
 
 
 def measure_against_plan(inputs: PlanInputs, device: str | torch.device = "cpu", warmup: int = 1,
@@ -118,3 +131,61 @@ def measure_against_plan(inputs: PlanInputs, device: str | torch.device = "cpu",
             "planned_phases_bytes": {k: int(v) for k, v in plan.phases.items()},
             "forwards_measured": result.forwards,
             "forwards_planned_max": plan.schedule.b_equivalents(False)}
+
+
+def measure_block_saved(inputs: PlanInputs, block: int = 1) -> dict[str, float]:
+    """Bytes autograd saves inside transformer block ``block`` during one grad forward (no
+    checkpointing), per image token and per text token, counted with ``saved_tensors_hooks``
+    (unique storages, parameters excluded). Two forwards with different token counts separate
+    the image and text streams' shares."""
+    from twinflow.models.lora import add_lora
+    from twinflow.models.qwen_image import QwenImageVelocity, build_twinflow_transformer
+
+    arch = resolve_architecture(inputs)
+    if int(arch["num_layers"]) <= block:
+        raise ValueError(f"the architecture has {arch['num_layers']} blocks; cannot measure block {block}")
+    torch.manual_seed(0)
+    transformer = build_twinflow_transformer(arch, torch_dtype=_DTYPES[inputs.model.dtype])
+    if inputs.model.mode == "lora":
+        add_lora(transformer, inputs.model.lora)
+    else:
+        transformer.requires_grad_(True)
+    params = {p.untyped_storage().data_ptr() for p in transformer.parameters()}
+    target = transformer.transformer_blocks[block]
+    velocity = QwenImageVelocity(transformer)
+    text_dim = int(arch["joint_attention_dim"])
+    c = inputs.latent_channels
+
+    def saved_bytes(side: int, txt: int) -> int:
+        saved: dict[int, int] = {}
+        inside = [False]
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            st = t.untyped_storage()
+            if inside[0] and st.data_ptr() not in params:
+                saved[st.data_ptr()] = st.nbytes()
+            return t
+
+        hooks = [target.register_forward_pre_hook(lambda *a: inside.__setitem__(0, True)),
+                 target.register_forward_hook(lambda *a: inside.__setitem__(0, False))]
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                x = torch.randn(1, c, side, side)
+                cond = {"prompt_embeds": torch.randn(1, txt, text_dim),
+                        "prompt_mask": torch.ones(1, txt, dtype=torch.long)}
+                t = torch.rand(1)
+                velocity(x, t, t * 0.5, cond)
+        finally:
+            for h in hooks:
+                h.remove()
+        return sum(saved.values())
+
+    side = max(4, inputs.height // 8)
+    a = saved_bytes(side, inputs.text_tokens)
+    b = saved_bytes(2 * side, inputs.text_tokens)            # 4× the image tokens, same text
+    d = saved_bytes(side, 2 * inputs.text_tokens)            # twice the text tokens
+    img_tokens = (side // 2) ** 2
+    per_img = (b - a) / (3 * img_tokens)
+    per_txt = (d - a) / inputs.text_tokens
+    return {"per_image_token": per_img, "per_text_token": per_txt,
+            "constant": a - per_img * img_tokens - per_txt * inputs.text_tokens}

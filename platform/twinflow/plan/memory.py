@@ -231,7 +231,8 @@ def plan_memory(inputs: PlanInputs) -> MemoryPlan:
                             f"AdamW m, v of {trained_all:,} params" + (f" /{opt_div}" if opt_div > 1 else "")))
     grad_div = n if z >= 2 else 1
     grads = trained_all * trained_bytes / grad_div
-    persistent_grads = z >= 1 or n > 1
+    # DeepSpeed/DDP keep gradient buffers; accumulation keeps .grad between micro-batches.
+    persistent_grads = z >= 1 or n > 1 or inputs.grad_accum > 1
     if off:
         lines[-1].host += trained_all * 4 / opt_div  # DeepSpeed's fp32 gradient partition on the host
     lines.append(MemoryLine("gradients", grads if persistent_grads else 0.0, 0.0,
