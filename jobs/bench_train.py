@@ -17,6 +17,7 @@ and the memory planner's prediction for both. The last line printed is one JSON 
     python jobs/bench_train.py                       # CPU, 4 layers × 512 wide, 256², B = 6 (~3 min)
     python jobs/bench_train.py --tiny --reps 2       # the tiny preset, seconds
     python jobs/bench_train.py --device cuda --layers 8 --heads 12 --resolution 512   # on a GPU
+    ray job submit --working-dir . --entrypoint-num-gpus 1 -- python jobs/bench_train.py --device cuda
 
 Threads: on a shared CPU use ``--threads 1`` (the default): oversubscribed OpenMP threads make CPU
 timings meaningless.
