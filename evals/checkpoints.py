@@ -4,9 +4,11 @@ Accepted checkpoints:
   * a diffusers pipeline folder (has ``model_index.json``);
   * a training checkpoint directory holding one exported pipeline folder, at ``pipeline/``,
     ``export/`` or as its only sub-folder with a ``model_index.json``;
-  * a raw training checkpoint (no exported pipeline): ``convert_training_checkpoint`` is the hook
-    that turns it into a pipeline folder. The conversion itself arrives with the export issue; until
-    then the hook raises ``NeedsConversion`` with what to do, and ``--watch`` records and skips it.
+  * a raw training checkpoint of jobs/train_qwen.py (DeepSpeed shards + twinflow/shared.pt), or a
+    run's final/ folder: ``convert_training_checkpoint`` exports a pipeline folder into
+    ``<checkpoint>/export/pipeline`` (twinflow.export; LoRA merged, sampler presets saved) and reuses
+    it on later calls. Anything else raises ``NeedsConversion`` with what to do, and ``--watch``
+    records and skips it.
 """
 
 from __future__ import annotations
@@ -19,20 +21,23 @@ EXPORT_DIRS = ("pipeline", "export", "exported")
 WATCH_STATE = "eval_watch.json"
 
 
-class NeedsConversion(RuntimeError):
-    """A raw training checkpoint without an exported pipeline folder."""
+class NeedsConversion(ValueError):
+    """A folder that is neither a pipeline, nor holds one, nor can be exported into one (a ValueError, so
+    jobs/evaluate.py reports it in one line)."""
 
 
 def convert_training_checkpoint(checkpoint_dir: Path, out_dir: Path) -> Path:
-    """Hook: raw training checkpoint -> diffusers pipeline folder at ``out_dir``.
+    """Raw training checkpoint -> diffusers pipeline folder under ``out_dir`` (idempotent: an export of the
+    same checkpoint there is reused). Returns the pipeline folder."""
+    from twinflow.export.exporter import export_pipeline_folder
+    from twinflow.export.sources import ExportError, inspect_source
 
-    Filled in by the checkpoint-export issue (merging LoRA / loading DeepSpeed shards into a
-    ``TwinFlowQwenImagePipeline`` and ``save_pretrained``). Returns the pipeline folder.
-    """
-    raise NeedsConversion(
-        f"{checkpoint_dir} is a raw training checkpoint (no model_index.json and no exported pipeline in "
-        f"{', '.join(EXPORT_DIRS)}/); converting it is not implemented yet: export a pipeline folder into "
-        f"{checkpoint_dir}/pipeline or pass a diffusers folder to --checkpoint")
+    try:
+        inspect_source(checkpoint_dir)
+    except ExportError as exc:
+        raise NeedsConversion(f"{exc}; export a pipeline folder into {checkpoint_dir}/pipeline or pass a diffusers "
+                              f"folder to --checkpoint") from None
+    return export_pipeline_folder(checkpoint_dir, out_dir)
 
 
 def is_pipeline(path: Path) -> bool:
@@ -54,7 +59,7 @@ def resolve_pipeline_folder(checkpoint: str | Path) -> Path:
     if len(subs) > 1:
         raise ValueError(f"--checkpoint {path} holds several pipeline folders ({', '.join(p.name for p in subs)}); "
                          "point at one of them")
-    return convert_training_checkpoint(path, path / "pipeline")
+    return convert_training_checkpoint(path, path / "export")
 
 
 def _newest_mtime(path: Path) -> float:

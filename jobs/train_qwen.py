@@ -18,8 +18,9 @@ MLFLOW_TRACKING_URI)::
         --set run.storage_path=s3://my-bucket/twinflow/runs
 
 Re-submitting the same run.name resumes from its last checkpoint. ``--dry-run`` prints the resolved
-config, the rows of every TwinFlow block on each rank and accumulation step, the realised λ and the
-DeepSpeed config, then exits; it needs no weights, data or Ray. Config errors are one line on
+config, the rows of every TwinFlow block on each rank and accumulation step, the realised λ, the
+per-GPU memory plan (table + fits on H100 / H200, twinflow.plan) and the DeepSpeed config, then
+exits; it needs no weights, data or Ray. Config errors are one line on
 stderr (exit code 2) before Ray starts; a run stopped by non-finite losses exits with code 3.
 """
 
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         report = dry_run_report(cfg)
         print(dump_yaml(cfg))
         print(format_batch_plan(report["batch_plan"]))
+        print(report["memory_table"])
         print(json.dumps({"deepspeed_config": report["deepspeed_config"], "memory_plan": report["memory_plan"]},
                          indent=2))
         return 0

@@ -212,7 +212,7 @@ def test_watch_scores_new_checkpoints_and_skips_raw_ones(first_run, env, tmp_pat
     assert res["pool"]["generate"]["tasks"] == 0 and res["pool"]["score"]["tasks"] == 1
     assert res["nfe"]["1"]["coverage"]["complete"] and res["nfe"]["1"]["breakdown"] == {"single_object": 1.0}
     state = json.loads((run / WATCH_STATE).read_text())
-    assert "not implemented yet" in state[str(raw)]["detail"]
+    assert "is not a TwinFlow training checkpoint" in state[str(raw)]["detail"]
     assert watch(cfg) == {}  # nothing new
 
 

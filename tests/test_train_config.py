@@ -58,7 +58,7 @@ def test_dry_run_of_the_20b_yamls_needs_no_weights():
     assert "global batch 32 = 2 per GPU × 16 workers × 1 accumulation steps" in out
     assert "λ realised 0.3125 (requested 0.3333)" in out
     assert '"stage": 3' in out and '"stage3_gather_16bit_weights_on_model_save": true' in out
-    assert '"memory_plan": null' in out
+    assert '"memory_plan": {' in out and "memory plan (per GPU):" in out
 
     proc = run_job("--config", "jobs/configs/qwen_image_lora.yaml", "--dry-run", "--set",
                    "deepspeed.gradient_accumulation=2")

@@ -1,5 +1,5 @@
 """What ``--dry-run`` prints after the resolved config: the batch plan, DeepSpeed's config, and
-(a later issue) the memory plan. Pure functions of the config: no Ray, no weights, no storage.
+the per-GPU memory plan. Pure functions of the config: no Ray, no weights, no storage.
 
 Batch plan: the G = micro × workers × accumulation rows of one optimizer step are dealt over
 the M = workers × accumulation micro-batches (method/blocks.py); for each rank and accumulation
@@ -45,10 +45,79 @@ def batch_plan(cfg: TrainConfig, steps: tuple[int, ...] = (0, 1)) -> dict[str, A
     }
 
 
-def memory_plan(cfg: TrainConfig) -> dict[str, Any] | None:
-    """Hook for the per-GPU memory estimate (weights, gradients, optimizer state, activations)
-    that --dry-run prints; None until that issue lands."""
-    return None
+# The planner's verdict is printed for both lent GPU kinds; the training config names no GPU model.
+PLAN_GPUS = ("h100", "h200")
+TYPICAL_TEXT_TOKENS = 256
+"""Prompt tokens planned per row: the planner's typical Qwen-Image prompt length (batches are padded
+to their longest prompt, at most encode.max_sequence_length)."""
+
+
+def plan_overrides(cfg: TrainConfig) -> dict[str, Any]:
+    """``plan_from_train_config`` keyword overrides that spell out every TrainConfig field the planner
+    needs, so nothing depends on its name guessing: the DeepSpeed micro-batch and accumulation are
+    ``deepspeed.micro_batch_per_gpu`` / ``deepspeed.gradient_accumulation`` here, which its lookup
+    table does not list (it would fail on micro_batch and silently plan accumulation 1)."""
+    from twinflow.train.prepare import TINY_MODELS
+
+    ds = cfg.deepspeed
+    out: dict[str, Any] = {
+        "num_gpus": cfg.scaling.num_workers, "zero_stage": ds.zero_stage, "offload_optimizer": ds.offload_optimizer,
+        "offload_params": ds.offload_params, "micro_batch": ds.micro_batch_per_gpu,
+        "grad_accum": ds.gradient_accumulation, "resolution": cfg.data.resolution,
+        "text_tokens": min(TYPICAL_TEXT_TOKENS, cfg.encode.max_sequence_length),
+        # Raw data is encoded inside each worker (text encoder + VAE stay loaded); rank 0 also keeps
+        # the VAE to decode the sample grids.
+        "text_encoder_resident": not cfg.data.is_cached,
+        "vae_resident": (not cfg.data.is_cached) or cfg.sample.enabled,
+    }
+    if cfg.model.path in TINY_MODELS:
+        from twinflow.plan.presets import tiny_architecture
+
+        # The random-weight test models are built on first use; plan them from their presets.
+        out["architecture"] = tiny_architecture(cfg.model.path)
+    return out
+
+
+def build_memory_plan(cfg: TrainConfig):
+    """The planner's ``MemoryPlan`` for this config (twinflow.plan; a meta-device model, no weights)."""
+    from twinflow.plan import plan_from_train_config
+
+    return plan_from_train_config(cfg, **plan_overrides(cfg))
+
+
+def memory_plan(cfg: TrainConfig, plan=None) -> dict[str, Any] | None:
+    """Per-GPU memory estimate (weights, gradients, optimizer state, activations) as a dict, with the
+    verdict for H100 and H200; ``{"error": ...}`` when the model cannot be planned (e.g. a hub id the
+    planner has no architecture for)."""
+    from twinflow.config.errors import ConfigError
+
+    try:
+        plan = plan or build_memory_plan(cfg)
+    except ConfigError as exc:
+        return {"error": str(exc)}
+    out = plan.to_dict()
+    out["fits_gpus"] = {gpu: plan.fits(gpu) for gpu in PLAN_GPUS}
+    out["workers_use_gpu"] = cfg.scaling.use_gpu
+    return out
+
+
+def format_memory_plan(cfg: TrainConfig, plan=None) -> str:
+    """The planner's table, then one verdict line per GPU kind (or why there is no plan)."""
+    from twinflow.config.errors import ConfigError
+
+    try:
+        plan = plan or build_memory_plan(cfg)
+    except ConfigError as exc:
+        return f"memory plan: not available ({exc})"
+    lines = ["memory plan (per GPU):", plan.table()]
+    for gpu in PLAN_GPUS:
+        verdict = "fits" if plan.fits(gpu) else "does NOT fit"
+        lines.append(f"{gpu}: {verdict} (headroom {plan.headroom(gpu) / 2**30:.2f} GiB at margin "
+                     f"{plan.inputs.margin:.0%})")
+    if not cfg.scaling.use_gpu:
+        lines.append("note: scaling.use_gpu is false: these workers run on CPU, so the numbers are each worker's "
+                     "memory as it would be on a GPU; the GPU verdicts do not apply")
+    return "\n".join(lines)
 
 
 def format_batch_plan(plan: dict[str, Any]) -> str:
@@ -68,4 +137,13 @@ def format_batch_plan(plan: dict[str, Any]) -> str:
 
 
 def dry_run_report(cfg: TrainConfig) -> dict[str, Any]:
-    return {"batch_plan": batch_plan(cfg), "deepspeed_config": deepspeed_config(cfg), "memory_plan": memory_plan(cfg)}
+    """Everything --dry-run prints: the batch plan, DeepSpeed's config, and the memory plan (as a dict
+    and as the human-readable ``memory_table``); the model is planned once."""
+    from twinflow.config.errors import ConfigError
+
+    try:
+        plan = build_memory_plan(cfg)
+    except ConfigError:
+        plan = None  # memory_plan / format_memory_plan report why
+    return {"batch_plan": batch_plan(cfg), "deepspeed_config": deepspeed_config(cfg),
+            "memory_plan": memory_plan(cfg, plan), "memory_table": format_memory_plan(cfg, plan)}

@@ -1,0 +1,88 @@
+"""The trained transformer as a plain module, and a ``TwinFlowQwenImagePipeline`` folder around it.
+
+    transformer = build_transformer(weights, base_path, dtype)
+    save_pipeline(transformer, base_path, folder, presets, default_steps, dtype)
+
+LoRA runs: the base transformer is loaded from the run's base model, the "default" adapter is added
+with the run's settings (rank, alpha, targets), the trained LoRA + E2 are loaded into it (strict)
+and folded into the base weights (``twinflow.models.lora.merge_lora``): a plain transformer.
+Full runs: a meta-device skeleton from the base model's transformer config takes the trained
+tensors as they are (``assign=True``): no second copy of 20B weights is ever materialised.
+
+The pipeline folder is the base model's folder (VAE, text encoder, tokenizer, scheduler) with the
+trained transformer, saved by diffusers; ``model_index.json`` carries the sampler presets and the
+default NFE, so ``TwinFlowQwenImagePipeline.from_pretrained(folder)(prompt)`` samples as trained.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from twinflow.export.sources import ExportError, TrainedWeights, materialise
+
+
+def build_transformer(weights: TrainedWeights, base_path: str, dtype: torch.dtype):
+    """The trained TwinFlowQwenImageTransformer2DModel on CPU in ``dtype`` (eval mode, no grad)."""
+    if weights.lora is not None:
+        model = _merged_lora(weights, base_path, dtype)
+    elif weights.transformer_dir is not None:
+        from twinflow.models.qwen_image import TwinFlowQwenImageTransformer2DModel
+
+        model = TwinFlowQwenImageTransformer2DModel.from_pretrained(weights.transformer_dir, torch_dtype=dtype)
+    else:
+        model = _assembled(weights, base_path, dtype)
+    return model.requires_grad_(False).eval()
+
+
+def _merged_lora(weights: TrainedWeights, base_path: str, dtype: torch.dtype):
+    from twinflow.models.lora import load_lora_state_dict, merge_lora
+    from twinflow.models.qwen_image import load_twinflow_transformer
+
+    settings = weights.source.config.model.lora
+    model = load_twinflow_transformer(base_path, subfolder=weights.source.config.model.subfolder or None,
+                                      torch_dtype=dtype, lora=settings)
+    try:
+        load_lora_state_dict(model, weights.lora)
+    except (KeyError, RuntimeError) as exc:
+        raise ExportError(f"the trained LoRA does not fit the base model {base_path} with the run's LoRA settings "
+                          f"(rank {settings.rank}, {len(settings.targets)} targets): {str(exc).splitlines()[0][:300]}; "
+                          f"is --base-model the model the run trained on?") from None
+    return merge_lora(model, dtype=dtype)
+
+
+def _assembled(weights: TrainedWeights, base_path: str, dtype: torch.dtype):
+    from accelerate import init_empty_weights
+
+    from twinflow.models.qwen_image import TwinFlowQwenImageTransformer2DModel
+
+    subfolder = weights.source.config.model.subfolder or None
+    config = TwinFlowQwenImageTransformer2DModel.load_config(base_path, subfolder=subfolder)
+    with init_empty_weights():
+        model = TwinFlowQwenImageTransformer2DModel.from_config(config)
+    expected = set(model.state_dict())
+    given = set(weights.transformer)
+    missing, unexpected = sorted(expected - given), sorted(given - expected)
+    if missing or unexpected:
+        raise ExportError(f"the checkpoint's weights do not match the base model {base_path}'s transformer: missing "
+                          f"{missing[:3]}, unexpected {unexpected[:3]}; is --base-model the model the run trained on?")
+    # One tensor at a time: a lazy ZeRO value is stitched from the rank shards and cast right away.
+    state = {}
+    for name in list(weights.transformer):
+        state[name] = materialise(weights.transformer[name], dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if meta:
+        raise ExportError(f"the checkpoint does not set {meta[:3]} of the transformer")
+    return model
+
+
+def save_pipeline(transformer, base_path: str, folder: str | Path, presets: dict, default_steps: int,
+                  dtype: torch.dtype) -> None:
+    """Base pipeline components (loaded in ``dtype``) + ``transformer`` + sampler presets -> ``folder``."""
+    from twinflow.models.pipeline import TwinFlowQwenImagePipeline
+
+    pipe = TwinFlowQwenImagePipeline.from_pretrained(base_path, transformer=transformer, torch_dtype=dtype)
+    pipe.set_sampler_presets(presets, default_steps)
+    pipe.save_pretrained(folder)
