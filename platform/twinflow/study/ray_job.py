@@ -36,6 +36,8 @@ def worker_loop(config: dict) -> None:
 
     One worker group serves the whole study (starting one costs ~15 s on 2 cores). After each
     run every rank reports; rank 0 attaches that run's checkpoint (kept: num_to_keep=None).
+    ``config["probe"]`` (optional, picklable): ``build(dataset)`` returns a callable that scores the
+    sampling network at each log step on rank 0 (the Tune sweep's 1-NFE quality, twinflow/tune/probes.py).
     """
     import time
 
@@ -59,8 +61,11 @@ def worker_loop(config: dict) -> None:
         dist.all_reduce(flat)
         return {k: (flat[i, 0], flat[i, 1]) for i, k in enumerate(names)}
 
+    probe_factory = config.get("probe")  # optional: an object with build(dataset) -> probe (study/trainer.py)
     for index, run in enumerate(config["runs"]):
         data = load_dataset(run["dataset"], config["mixture_modes"], config["mixture_seed"])
+        # Metrics reach Ray from rank 0 only, so only rank 0 pays for the probe.
+        probe = probe_factory.build(data) if (probe_factory is not None and rank == 0) else None
         method = from_dict(TwinFlowConfig, run["method"])
         settings = from_dict(TrainSettings, run["train"])
         label = f"{run['dataset']}/{run['method_name']}"
@@ -74,7 +79,7 @@ def worker_loop(config: dict) -> None:
 
         t0 = time.time()
         result = train_run(data, method, settings, rank=rank, world_size=world, wrap=wrap, report=report,
-                           reduce_stats=reduce_stats)
+                           reduce_stats=reduce_stats, probe=probe)
         if bar is not None:
             bar.close()
         final = {"run": index, "run_done": 1.0, "train_s": time.time() - t0, **result.history[-1]}

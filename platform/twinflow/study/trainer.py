@@ -78,7 +78,11 @@ class TrainResult:
 def train_run(data: Digits | Mixture2D, method: TwinFlowConfig, s: TrainSettings, rank: int = 0, world_size: int = 1,
               wrap: Callable[[nn.Module], nn.Module] = lambda m: m,
               report: Callable[[int, dict[str, float]], None] | None = None,
-              reduce_stats: Callable[[dict], dict] = lambda stats: stats) -> TrainResult:
+              reduce_stats: Callable[[dict], dict] = lambda stats: stats,
+              probe: Callable[[nn.Module], dict[str, float]] | None = None) -> TrainResult:
+    """``probe``, when given, scores the sampling network (EMA weights when kept) at every log
+    step; its metrics join that step's row (history and ``report``). It runs in eval mode on this
+    rank only and must not use collectives (the Tune sweeps give it to rank 0, jobs/tune_lambda.py)."""
     if s.batch_size % world_size:
         raise ValueError(f"batch_size {s.batch_size} is not divisible by {world_size} workers")
     layout = BatchLayout(micro_batch=s.batch_size // world_size, world_size=world_size)
@@ -120,11 +124,23 @@ def train_run(data: Digits | Mixture2D, method: TwinFlowConfig, s: TrainSettings
             totals = reduce_stats(acc)
             row = {k: float(t) / max(float(c), 1e-12) for k, (t, c) in totals.items()}
             row["lr"] = sched.get_last_lr()[0]
+            if probe is not None:
+                row.update(_run_probe(probe, ema.module if ema is not None else raw))
             history.append({"step": step + 1, **row})
             if report is not None:
                 report(step + 1, row)
             acc = {}
     return TrainResult(model=raw, ema=ema, history=history)
+
+
+def _run_probe(probe: Callable[[nn.Module], dict[str, float]], net: nn.Module) -> dict[str, float]:
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            return probe(net)
+    finally:
+        net.train(was_training)
 
 
 def _accumulate(acc: dict, name: str, total: torch.Tensor, count: torch.Tensor) -> None:

@@ -10,6 +10,7 @@
     run        RunSettings            name, storage (local or s3://), checkpoints, failures, steps, NaN limit
     sample     SampleSettings         fixed prompts × seeds, NFE columns, how often
     logging    LoggingSettings        TensorBoard under the run, MLflow when MLFLOW_TRACKING_URI is set
+    probe      ProbeSettings          cheap quality proxy in every Ray report (Tune's early stopping)
     debug      DebugSettings          fault injection (worker exits, NaN losses) for tests and rehearsals
 
 Two special values make the no-argument default self-contained: ``model.path: tiny`` builds the
@@ -227,6 +228,30 @@ class LoggingSettings:
 
 
 @dataclass
+class ProbeSettings:
+    """A cheap quality proxy added to every Ray report (checkpoints and logging.ray_report_every), so
+    that Ray Tune's ASHA can stop bad trials on sample quality, not on the loss alone (jobs/tune_lambda.py).
+
+    Kinds (train/samples.py ``SampleGrid.nfe_gap``):
+      none     nothing (the default; no cost)
+      nfe_gap  metric ``nfe_gap_mse``: mean squared difference, in normalised latent space, between
+               the 1-NFE sample and a ``reference_nfe``-step ODE sample of the same network from
+               the same noise, on the fixed sample prompts × seeds (section ``sample``). It falls as
+               the one-step generator agrees with the model's own many-step trajectory.
+    Adding a kind: a value here and a branch in ``Worker.quality_probe`` (train/loop.py). A small
+    GenEval subset would be such a kind (generate the subset's prompts at 1 NFE on rank 0, score them
+    with evals/geneval); it is not implemented: GenEval's detector needs its own GPU environment.
+    """
+
+    kind: Literal["none", "nfe_gap"] = "none"
+    reference_nfe: int = 16
+    """Steps of the reference sample (Euler on the instantaneous velocity, r = t)."""
+
+    def validate(self, path: str = "probe") -> None:
+        require(self.reference_nfe >= 2, f"{path}.reference_nfe", f"must be >= 2, got {self.reference_nfe}")
+
+
+@dataclass
 class DebugSettings:
     """Fault injection, to rehearse recovery (tests, or a cluster before a long run)."""
 
@@ -260,6 +285,7 @@ class TrainConfig:
     run: RunSettings = field(default_factory=RunSettings)
     sample: SampleSettings = field(default_factory=SampleSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    probe: ProbeSettings = field(default_factory=ProbeSettings)
     debug: DebugSettings = field(default_factory=DebugSettings)
 
     # ---- derived ---------------------------------------------------------------------------
@@ -308,6 +334,9 @@ class TrainConfig:
             require(self.model.dtype == "bfloat16", "model.dtype",
                     "full-parameter training in bf16 keeps bf16 weights (fp32 master copies in the optimizer); "
                     "set model.dtype: bfloat16")
+        if self.probe.kind != "none":
+            require(self.sample.enabled, "probe.kind", f"{self.probe.kind} scores the sample prompts × seeds; "
+                                                       f"set sample.enabled: true (or probe.kind: none)")
         if self.model.path == TINY_MODEL:
             require(self.data.resolution <= 256, "data.resolution", "the tiny model is for small images; use <= 256")
         dbg = self.debug

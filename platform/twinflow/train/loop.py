@@ -236,6 +236,12 @@ class Worker:
             return None
         return self.samples.render(self.velocity)
 
+    def quality_probe(self) -> dict:
+        """The probe section's metrics (rank 0; {} elsewhere), e.g. nfe_gap_mse for Tune's ASHA."""
+        if self.cfg.probe.kind == "nfe_gap":
+            return self.samples.nfe_gap(self.velocity, self.cfg.probe.reference_nfe)
+        raise ValueError(f"probe.kind {self.cfg.probe.kind!r} has no implementation")
+
     def save_checkpoint(self, row: dict, grid) -> None:
         import ray.train
 
@@ -312,11 +318,16 @@ class Worker:
         stop_at = min(cfg.run.max_steps, cfg.run.stop_at_step or cfg.run.max_steps)
         stop_reason = None
         grid, grid_step = None, None  # grid_step is the same on every rank; grid exists on rank 0 only
+        every = cfg.logging.ray_report_every
         while st.step < stop_at:
             step = st.step + 1
             row = self.train_step(step)
             logged = step % cfg.run.log_every == 0
             checkpoint = step % cfg.run.checkpoint_every == 0 or step == stop_at
+            ray_report = checkpoint or bool(every and step % every == 0)
+            if ray_report and cfg.probe.kind != "none":  # the same steps on every rank (ZeRO-3 runs it on all)
+                row.update(self.quality_probe())
+                logged = True
             if self.rank == 0 and (logged or checkpoint or row["step_skipped"]):
                 st.history.append(_json_row(row))
                 self.tracker.log(step, row)
@@ -332,8 +343,7 @@ class Worker:
             else:
                 if extra_grid:
                     self.save_extra_grid(step, grid)
-                every = cfg.logging.ray_report_every
-                if every and step % every == 0:
+                if ray_report:
                     ray.train.report(_ray_metrics(row))
         final = None
         if stop_reason is None and st.step >= cfg.run.max_steps:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from twinflow.method.sampler import few_step, sample
+from twinflow.method.sampler import few_step, ode, sample
 from twinflow.train.config import SampleSettings
 
 HEADER_PX = 14
@@ -62,23 +62,30 @@ class SampleGrid:
             dist.broadcast_object_list(box, src=0)
             self.cond = box[0]
 
-    @torch.no_grad()
-    def render(self, velocity: torch.nn.Module):
-        """The grid as a PIL image on rank 0 (None elsewhere); every rank must call it under ZeRO-3."""
-        if not self.active:
-            return None
+    def _inputs(self, velocity: torch.nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The fixed noise (one seed per row) and the rows' prompt condition, on the device."""
         channels = velocity.transformer.config.in_channels // 4
         h, w = self.latent_hw
         cond = {k: v.to(self.device) for k, v in self.cond.items()}
         noise = torch.stack([torch.randn((channels, h, w), generator=torch.Generator().manual_seed(seed))
                              for _, seed in self.rows]).to(self.device)
+        return noise, cond
+
+    def _generators(self) -> list[torch.Generator]:
+        return [torch.Generator(device=self.device).manual_seed(10_000 + seed) for _, seed in self.rows]
+
+    @torch.no_grad()
+    def render(self, velocity: torch.nn.Module):
+        """The grid as a PIL image on rank 0 (None elsewhere); every rank must call it under ZeRO-3."""
+        if not self.active:
+            return None
+        noise, cond = self._inputs(velocity)
         columns = []
         was_training = velocity.training
         velocity.eval()
         try:
             for nfe in self.settings.nfe:
-                gens = [torch.Generator(device=self.device).manual_seed(10_000 + seed) for _, seed in self.rows]
-                columns.append(sample(velocity, noise, cond, few_step(nfe), generator=gens,
+                columns.append(sample(velocity, noise, cond, few_step(nfe), generator=self._generators(),
                                       model_dtype=velocity.compute_dtype))
         finally:
             velocity.train(was_training)
@@ -88,6 +95,42 @@ class SampleGrid:
 
         images = [decode_latents(self.vae, x).cpu() for x in columns]  # per column: [rows, 3, H, W] in [0, 1]
         return compose_grid(images, [f"{n} NFE" for n in self.settings.nfe])
+
+
+    @torch.no_grad()
+    def nfe_gap(self, velocity: torch.nn.Module, reference_nfe: int) -> dict[str, float]:
+        """probe.kind nfe_gap (train/config.py ProbeSettings) on rank 0 ({} elsewhere); every rank must
+        call it under ZeRO-3. Both samples start from the grid's noise; non-finite latents make the row
+        count as the largest gap the clamped range allows, so a diverged model never scores well."""
+        if not self.active:
+            return {}
+        noise, cond = self._inputs(velocity)
+        was_training = velocity.training
+        velocity.eval()
+        try:
+            one = sample(velocity, noise, cond, few_step(1), generator=self._generators(),
+                         model_dtype=velocity.compute_dtype)
+            ref = sample(velocity, noise, cond, ode(reference_nfe), model_dtype=velocity.compute_dtype)
+        finally:
+            velocity.train(was_training)
+        if self.rank != 0:
+            return {}
+        return nfe_gap_metrics(one, ref)
+
+
+GAP_LIMIT = 10.0
+"""Normalised VAE latents are ~N(0, 1): beyond ±10 a latent decodes to garbage whatever its value."""
+
+
+def nfe_gap_metrics(one: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    """Per-row MSE between clamped latents, averaged; rows with a non-finite value score (2·GAP_LIMIT)²."""
+    dims = tuple(range(1, one.dim()))
+    bad = ~(torch.isfinite(one).flatten(1).all(1) & torch.isfinite(ref).flatten(1).all(1))
+    a = torch.nan_to_num(one.float(), nan=0.0).clamp(-GAP_LIMIT, GAP_LIMIT)
+    b = torch.nan_to_num(ref.float(), nan=0.0).clamp(-GAP_LIMIT, GAP_LIMIT)
+    per_row = ((a - b) ** 2).mean(dim=dims)
+    per_row = torch.where(bad, torch.full_like(per_row, (2 * GAP_LIMIT) ** 2), per_row)
+    return {"nfe_gap_mse": float(per_row.mean()), "nfe_gap_nonfinite": float(bad.float().mean())}
 
 
 def compose_grid(columns: list[torch.Tensor], labels: list[str]) -> Any:

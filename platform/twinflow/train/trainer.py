@@ -62,8 +62,9 @@ def mlflow_env(cfg: TrainConfig) -> dict[str, str] | None:
     return {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
 
 
-def build_trainer(cfg: TrainConfig, storage: RunStorage):
-    """The TorchTrainer for ``cfg`` (Ray must be connected: the dataset is created here)."""
+def build_trainer(cfg: TrainConfig, storage: RunStorage, callbacks: list | tuple = ()):
+    """The TorchTrainer for ``cfg`` (Ray must be connected: the dataset is created here).
+    ``callbacks``: Ray Train UserCallbacks, e.g. Tune's TuneReportCallback in a sweep trial."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -93,16 +94,18 @@ def build_trainer(cfg: TrainConfig, storage: RunStorage):
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo", timeout_s=cfg.scaling.timeout_s),
         run_config=RunConfig(name=cfg.run.name, **storage.ray_run_config_kwargs(),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.num_to_keep),
-                             failure_config=FailureConfig(max_failures=cfg.run.max_failures)),
+                             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+                             callbacks=list(callbacks)),
         datasets={"train": data.dataset},
         dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ingest),
     )
 
 
-def run_training(cfg: TrainConfig, storage_filesystem=None) -> TrainOutcome:
+def run_training(cfg: TrainConfig, storage_filesystem=None, callbacks: list | tuple = ()) -> TrainOutcome:
     """Run (or resume) the training job described by ``cfg``; raises NonFiniteLossError or Ray's
     TrainingFailedError when it cannot finish. ``storage_filesystem`` overrides the one derived
-    from run.storage_path (tests; S3 settings otherwise come from AWS_* variables)."""
+    from run.storage_path (tests; S3 settings otherwise come from AWS_* variables); ``callbacks`` go to
+    the TorchTrainer's RunConfig (jobs/tune_lambda.py passes Tune's TuneReportCallback)."""
     from twinflow.ray_env import connect
 
     t0 = time.time()
@@ -111,7 +114,7 @@ def run_training(cfg: TrainConfig, storage_filesystem=None) -> TrainOutcome:
     if existed:
         print(f"[twinflow] {storage.uri()} exists: resuming from its latest checkpoint", file=sys.stderr, flush=True)
     connect()
-    trainer = build_trainer(cfg, storage)
+    trainer = build_trainer(cfg, storage, callbacks)
     result = trainer.fit()
     summary = dict(result.return_value or {})
     outcome = TrainOutcome(summary=summary, result=result, run_uri=storage.uri(), seconds=time.time() - t0)

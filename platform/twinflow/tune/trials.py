@@ -1,0 +1,130 @@
+"""One trial: the trial's sampled values -> the target's config -> a TorchTrainer, fitted in the trial.
+
+Ray Train V2 has no ``Tuner(TorchTrainer)``: the trainable is a plain Tune function (``run_trial``)
+that builds a TorchTrainer from its config and calls ``fit()``; the trainer's RunConfig carries
+``ray.tune.integration.ray_train.TuneReportCallback``, which forwards every ``ray.train.report`` of
+rank 0 to the trial (ray/tune/integration/ray_train.py in Ray 2.60: the Train controller puts the
+metrics on a queue the Tune session drains). When ASHA stops a trial, Tune ends the trial's actor;
+the Train controller and its workers are that actor's children and end with it.
+
+  digits  the study's worker loop (study/ray_job.py ``worker_loop``) with one run and a
+          ``DigitsProbe`` on rank 0; every log step reports loss + 1-NFE quality
+  qwen    the training job (train/trainer.py ``run_training``) with the trial's TrainConfig; it
+          reports at checkpoints and every logging.ray_report_every steps, with probe.kind metrics
+
+Every trial's Train run lives at <storage_path>/<name>/train_runs/<trial id>: a trial that Tune
+restarts after the sweep's driver died re-runs ``fit()`` on the same run, and Ray Train resumes it
+from its latest checkpoint (the qwen target checkpoints; a digits run is short and starts over).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twinflow.config.errors import ConfigError
+from twinflow.config.tree import from_dict, set_dotted, to_dict, validate
+from twinflow.data.fs import join
+from twinflow.train.config import TrainConfig
+from twinflow.train.storage import RunStorage
+
+TRAIN_RUNS = "train_runs"
+SWEEP_OWNED = ("run.name", "run.storage_path")
+"""Fields each trial sets itself (the Train run's place); they cannot be searched."""
+
+
+def target_class(target: str) -> type:
+    from twinflow.tune.config import DigitsTarget
+
+    return DigitsTarget if target == "digits" else TrainConfig
+
+
+def trial_target(cfg, params: dict[str, Any]):
+    """The target's config (DigitsTarget or TrainConfig) with the trial's values at their dotted paths."""
+    from twinflow.tune.config import LAM_PATH
+
+    base = to_dict(cfg.digits if cfg.target == "digits" else cfg.qwen)
+    for path, value in params.items():
+        set_dotted(base, path.split("."), value)
+        if path == LAM_PATH:
+            set_dotted(base, ["twinflow", "block_weights"], None)  # explicit block weights would ignore λ
+    target = from_dict(target_class(cfg.target), base, cfg.target)
+    validate(target, cfg.target)
+    return target
+
+
+def check_search_space(cfg) -> None:
+    """Every searched path exists in the target and every candidate value builds a valid config."""
+    from twinflow.tune.search import parse_spec
+
+    for path, text in cfg.search_paths().items():
+        if cfg.target == "qwen" and path in SWEEP_OWNED:
+            raise ConfigError(f"search: {path} is set by the sweep for each trial; it cannot be searched")
+        spec = parse_spec(text, f"search {path}")
+        for value in spec.candidates():
+            try:
+                trial_target(cfg, {path: value})
+            except ConfigError as exc:
+                raise ConfigError(f"search {path}={spec}: the target refuses {path}={value!r}: {exc}") from None
+
+
+def trial_params(config: dict[str, Any]) -> dict[str, Any]:
+    """The trial's searched values (Tune's config for the trial; every key is a dotted path)."""
+    return dict(config)
+
+
+def run_trial(config: dict[str, Any], sweep: dict) -> None:
+    """The Tune function trainable (wrapped with tune.with_parameters(sweep=...) in sweep.py)."""
+    import ray.tune
+
+    from twinflow.tune.config import SweepConfig
+
+    cfg = from_dict(SweepConfig, sweep)
+    context = ray.tune.get_context()
+    trial_id = context.get_trial_id()
+    target = trial_target(cfg, trial_params(config))
+    if cfg.target == "digits":
+        fit_digits_trial(cfg, target, trial_id)
+    else:
+        fit_qwen_trial(cfg, target, trial_id)
+
+
+def train_runs_path(cfg) -> str:
+    """Where the trials' Train runs live: <storage_path>/<name>/train_runs (local path or URI)."""
+    return join(cfg.storage_path, cfg.name, TRAIN_RUNS)
+
+
+def fit_digits_trial(cfg, target, trial_id: str) -> None:
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from twinflow.study.ray_job import worker_loop
+
+    runs = RunStorage.for_run(train_runs_path(cfg), trial_id)
+    loop_config = {
+        "runs": [{"dataset": "digits", "method_name": "twinflow", "method": to_dict(target.twinflow),
+                  "train": to_dict(target.train)}],
+        "mixture_modes": 8, "mixture_seed": 0,  # unused by digits; the worker loop reads them
+        "threads_per_worker": max(1, int(target.resources_per_worker.get("CPU", 1))),
+        "probe": target.probe,
+    }
+    TorchTrainer(
+        worker_loop, train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=target.workers, use_gpu=False,
+                                     resources_per_worker=dict(target.resources_per_worker)),
+        torch_config=TorchConfig(backend="gloo", timeout_s=600),
+        run_config=RunConfig(name=trial_id, **runs.ray_run_config_kwargs(),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1),
+                             callbacks=[TuneReportCallback()]),
+    ).fit()
+
+
+def fit_qwen_trial(cfg, target: TrainConfig, trial_id: str) -> None:
+    import dataclasses
+
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from twinflow.train.trainer import run_training
+
+    run = dataclasses.replace(target.run, name=trial_id, storage_path=train_runs_path(cfg))
+    run_training(dataclasses.replace(target, run=run), callbacks=[TuneReportCallback()])
