@@ -46,6 +46,19 @@ def test_tiny_study_through_ray_train_writes_the_documented_schema(ray_local, tm
             assert (tmp_path / f"samples_{ds}_{method}.png").stat().st_size > 1000
     assert results["timing"]["digits/twinflow"]["train_s"] > 0
 
+    # parallel=runs (the default): each worker trained whole runs alone, so every run is exactly the
+    # single-process run of its settings, and each came back under its own name
+    import torch
+
+    from twinflow.study.ray_job import load_dataset
+    from twinflow.study.trainer import train_run
+
+    torch.set_num_threads(1)  # as each of the 2 workers on this 2-core machine
+    for ds, method in (("mixture2d", "twinflow"), ("digits", "fm")):
+        alone = train_run(load_dataset(ds), getattr(cfg.method, method), getattr(cfg, ds))
+        assert results["timing"][f"{ds}/{method}"]["final_loss"] == pytest.approx(
+            alone.history[-1]["loss/total"], rel=1e-5)
+
 
 def test_lambda_sweep_writes_a_curve_over_lambda(ray_local, tmp_path):
     from twinflow.config.tree import build
@@ -54,7 +67,7 @@ def test_lambda_sweep_writes_a_curve_over_lambda(ray_local, tmp_path):
 
     cfg = build(type(quick()), quick(), overrides=[
         f"out={tmp_path}", "datasets=[digits]", "sweep_lam=[0.0, 0.5]", "digits.steps=30", "digits.log_every=10",
-        "eval.nfe=[1]"])
+        "eval.nfe=[1]", "parallel=data"])  # every run DDP over both workers: the other wiring
     results = run_study(cfg, log=lambda *_: None)
     sweep = json.loads((tmp_path / "results.json").read_text())["lam_sweep"]["digits"]
     assert set(sweep) == {"0.0000", "0.5000"}
@@ -62,6 +75,22 @@ def test_lambda_sweep_writes_a_curve_over_lambda(ray_local, tmp_path):
     assert "digits" not in results  # the sweep replaces the method comparison
     assert "## λ sweep on digits" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "lam_sweep.png").stat().st_size > 1000
+
+
+def test_runs_are_dealt_longest_first_onto_the_least_loaded_worker():
+    from twinflow.study.ray_job import deal_runs, run_cost
+
+    def run(ds, method, steps):
+        return {"dataset": ds, "method_name": method, "train": {"steps": steps}}
+
+    runs = [run("digits", "fm", 8000), run("digits", "rcgm", 8000), run("digits", "twinflow", 8000),
+            run("mixture2d", "fm", 10_000), run("mixture2d", "rcgm", 10_000), run("mixture2d", "twinflow", 10_000)]
+    assert run_cost(runs[1]) == pytest.approx(1.6 * run_cost(runs[0]))
+    deal = deal_runs(runs, 2)
+    assert deal == [[0, 1, 3], [2, 4, 5]]
+    loads = [sum(run_cost(runs[i]) for i in d) for d in deal]
+    assert max(loads) / min(loads) < 1.1 and sorted(i for d in deal for i in d) == list(range(6))
+    assert deal_runs(runs, 1) == [list(range(6))] and deal_runs(runs[:1], 3) == [[0], [], []]
 
 
 def test_bad_cli_values_fail_before_ray_with_one_line():

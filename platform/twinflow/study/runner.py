@@ -93,10 +93,10 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
     connect()
     runs = study_runs(cfg)
     log(f"training {len(runs)} runs ({', '.join(r['dataset'] + '/' + r['method_name'] for r in runs)}) "
-        f"on {cfg.workers} Ray Train workers")
+        f"on {cfg.workers} Ray Train workers (parallel: {cfg.parallel})")
     t0 = time.time()
     trained = fit_runs(runs, cfg.workers, out / "ray", f"study-{time.strftime('%Y%m%d-%H%M%S')}",
-                       cfg.mixture.modes, cfg.mixture.seed)
+                       cfg.mixture.modes, cfg.mixture.seed, cfg.parallel)
     log(f"training done in {time.time() - t0:.0f}s; evaluating")
 
     results: dict = {"config": to_dict(cfg)}
