@@ -75,9 +75,3 @@ def s3_env(s3_server, monkeypatch):
     for key, value in s3_server.env().items():
         monkeypatch.setenv(key, value)
     return s3_server
-
-
-@pytest.fixture(scope="session")
-def tiny_qwen_dir(tiny_qwen_image):
-    """Alias of ``tiny_qwen_image`` (one tiny model per session)."""
-    return tiny_qwen_image

@@ -33,10 +33,10 @@ LATENTS_STD = [0.5, 2.0, 1.5, 0.8]
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tiny_qwen_dir, tmp_path_factory):
+def tiny_model(tiny_qwen_image, tmp_path_factory):
     """The tiny pipeline with a VAE whose latents_mean/std are not 0/1, so normalisation is visible."""
     path = tmp_path_factory.mktemp("model") / "tiny"
-    shutil.copytree(tiny_qwen_dir, path)
+    shutil.copytree(tiny_qwen_image, path)
     cfg_path = path / "vae" / "config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg.update(latents_mean=LATENTS_MEAN, latents_std=LATENTS_STD)

@@ -30,14 +30,14 @@ CKPT = f"checkpoint_step_{STEP:08d}"
 PROMPT = ["a handwritten digit one"]
 
 
-def _run(tiny_qwen_dir, tmp_path_factory, name: str, **sections):
+def _run(tiny_qwen_image, tmp_path_factory, name: str, **sections):
     from twinflow.train.trainer import run_training
 
     root = tmp_path_factory.getbasetemp()
     storage = tmp_path_factory.mktemp(f"runs-{name}")
     # lr 1e-2 without warm-up: two Adam steps move every trained weight by ~2e-2, so the trained model's
     # output differs clearly from the base model's (the checks below need that contrast).
-    cfg = tiny_config(tiny_qwen_dir, digits_dir(root), str(storage), name, sample={"enabled": False},
+    cfg = tiny_config(tiny_qwen_image, digits_dir(root), str(storage), name, sample={"enabled": False},
                       optim={"lr": 1e-2, "warmup_steps": 0, "schedule": "constant"},
                       run={"max_steps": STEP, "checkpoint_every": STEP}, **sections)
     outcome = run_training(cfg)
@@ -46,17 +46,17 @@ def _run(tiny_qwen_dir, tmp_path_factory, name: str, **sections):
 
 
 @pytest.fixture(scope="module")
-def lora_run(ray_local, tiny_qwen_dir, tmp_path_factory):
+def lora_run(ray_local, tiny_qwen_image, tmp_path_factory):
     """ZeRO-2 LoRA (rank 4, alpha 8: LoRA scale 2, so alpha handling is visible) with the LoRA-EMA teacher."""
     from twinflow.models.lora import LoraSettings
 
-    return _run(tiny_qwen_dir, tmp_path_factory, "export-lora", model={"lora": LoraSettings(rank=4, alpha=8.0)})
+    return _run(tiny_qwen_image, tmp_path_factory, "export-lora", model={"lora": LoraSettings(rank=4, alpha=8.0)})
 
 
 @pytest.fixture(scope="module")
-def zero3_run(ray_local, tiny_qwen_dir, tmp_path_factory):
+def zero3_run(ray_local, tiny_qwen_image, tmp_path_factory):
     """ZeRO-3 full-parameter, every weight partitioned over the two ranks (persistence threshold 0)."""
-    return _run(tiny_qwen_dir, tmp_path_factory, "export-zero3", model={"mode": "full", "ema": False},
+    return _run(tiny_qwen_image, tmp_path_factory, "export-zero3", model={"mode": "full", "ema": False},
                 twinflow={"teacher": "self"}, deepspeed={"zero_stage": 3, "param_persistence_threshold": 0})
 
 
@@ -75,7 +75,7 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_lora_checkpoint_exports_a_pipeline_and_lora_files_that_diffusers_and_comfyui_names_load(
-        lora_run, tiny_qwen_dir, tmp_path):
+        lora_run, tiny_qwen_image, tmp_path):
     from twinflow.export.config import ExportConfig
     from twinflow.export.exporter import export
     from twinflow.export.lora_files import load_twinflow_lora
@@ -126,7 +126,7 @@ def test_lora_checkpoint_exports_a_pipeline_and_lora_files_that_diffusers_and_co
     merged_latents = _generate(merged)
 
     # diffusers' loader on the base model + E2 changes the output exactly as the merge does.
-    base = TwinFlowQwenImagePipeline.from_pretrained(tiny_qwen_dir)
+    base = TwinFlowQwenImagePipeline.from_pretrained(tiny_qwen_image)
     base_latents = _generate(base)
     load_twinflow_lora(base, lora_dir)
     assert base.config.default_steps == 1
@@ -136,7 +136,7 @@ def test_lora_checkpoint_exports_a_pipeline_and_lora_files_that_diffusers_and_co
     assert (lora_latents - merged_latents).abs().max() < 1e-3 * change
 
     # diffusers also reads the ComfyUI file (its own converter folds alpha/rank): the same model.
-    comfy_pipe = TwinFlowQwenImagePipeline.from_pretrained(tiny_qwen_dir)
+    comfy_pipe = TwinFlowQwenImagePipeline.from_pretrained(tiny_qwen_image)
     comfy_pipe.load_lora_weights(str(lora_dir), weight_name="comfyui_lora.safetensors")
     comfy_pipe.transformer.time_text_embed_2.load_state_dict(
         {k.removeprefix("time_text_embed_2."): v for k, v in e2_file.items()})
@@ -201,7 +201,7 @@ def test_evaluate_hook_exports_a_raw_checkpoint_once(lora_run, tmp_path):
 # ---------------------------------------------------------------------------
 
 
-def test_zero3_full_checkpoint_exports_the_trained_transformer(zero3_run, tiny_qwen_dir, tmp_path):
+def test_zero3_full_checkpoint_exports_the_trained_transformer(zero3_run, tiny_qwen_image, tmp_path):
     from twinflow.export.config import ExportConfig
     from twinflow.export.exporter import export
     from twinflow.models.pipeline import TwinFlowQwenImagePipeline
@@ -218,7 +218,7 @@ def test_zero3_full_checkpoint_exports_the_trained_transformer(zero3_run, tiny_q
     exported = pipe.transformer.state_dict()
     # The run's own end-of-training export gathered the same weights through DeepSpeed's 16-bit save.
     trained = TwinFlowQwenImageTransformer2DModel.from_pretrained(run / "final" / "transformer").state_dict()
-    initial = load_twinflow_transformer(tiny_qwen_dir).state_dict()
+    initial = load_twinflow_transformer(tiny_qwen_image).state_dict()
     assert exported.keys() == trained.keys() and any(k.startswith("time_text_embed_2.") for k in exported)
     assert all(torch.equal(exported[k], trained[k]) for k in trained)
     assert sum(not torch.equal(exported[k], initial[k]) for k in exported) > len(exported) // 2

@@ -16,19 +16,19 @@ from train_support import LOSS_KEYS, digits_dir, losses_by_step, read_s3_text, r
 pytestmark = [pytest.mark.ray, pytest.mark.deepspeed, pytest.mark.s3]
 
 
-def test_worker_deaths_restart_from_the_last_good_checkpoint(ray_local, tiny_qwen_dir, tmp_path_factory, s3_server,
+def test_worker_deaths_restart_from_the_last_good_checkpoint(ray_local, tiny_qwen_image, tmp_path_factory, s3_server,
                                                             tmp_path):
     from twinflow.train.trainer import run_training
 
     bucket = s3_server.create_bucket("twinflow-train")
     root = tmp_path_factory.getbasetemp()
-    _, ref, _ = reference_run(tiny_qwen_dir, root, s3_server, bucket)
+    _, ref, _ = reference_run(tiny_qwen_image, root, s3_server, bucket)
     ref_rows = [json.loads(x) for x in read_s3_text(s3_server, f"{ref.run_uri}/final/metrics.jsonl").splitlines()]
 
     markers = tmp_path / "faults"
     # Rank 1 dies after writing its shard of checkpoint 4 (before reporting it), and later right
     # after finishing step 5. Checkpoints every 2 steps: restarts must resume from 2, then from 4.
-    cfg = tiny_config(tiny_qwen_dir, digits_dir(root), f"{bucket}/runs", "faults", sample={"enabled": False},
+    cfg = tiny_config(tiny_qwen_image, digits_dir(root), f"{bucket}/runs", "faults", sample={"enabled": False},
                       run={"max_failures": 2},
                       debug={"exit_in_checkpoint_at_step": 4, "exit_at_step": 5, "exit_rank": 1,
                              "fault_marker_dir": str(markers)})

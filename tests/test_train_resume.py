@@ -32,9 +32,9 @@ def _download(s3_server, uri: str, dest) -> None:
                     destination_filesystem=pafs.LocalFileSystem())
 
 
-def test_reference_run_on_s3_checkpoints_logs_samples_and_exports(ray_local, tiny_qwen_dir, tmp_path_factory,
+def test_reference_run_on_s3_checkpoints_logs_samples_and_exports(ray_local, tiny_qwen_image, tmp_path_factory,
                                                                    s3_server, bucket, tmp_path, monkeypatch):
-    cfg, outcome, mlruns = reference_run(tiny_qwen_dir, tmp_path_factory.getbasetemp(), s3_server, bucket)
+    cfg, outcome, mlruns = reference_run(tiny_qwen_image, tmp_path_factory.getbasetemp(), s3_server, bucket)
     s = outcome.summary
     assert (s["step"], s["stop_reason"], s["skipped_steps"], s["resumed"]) == (6, "done", 0, False)
     run = outcome.run_uri
@@ -98,11 +98,11 @@ def test_reference_run_on_s3_checkpoints_logs_samples_and_exports(ray_local, tin
     from twinflow.models.qwen_image import load_twinflow_transformer
 
     pipe = TwinFlowQwenImagePipeline.from_pretrained(final / "pipeline")
-    rebuilt = load_twinflow_transformer(tiny_qwen_dir, lora=cfg.model.lora)
+    rebuilt = load_twinflow_transformer(tiny_qwen_image, lora=cfg.model.lora)
     load_lora_state_dict(rebuilt, load_file(final / "lora" / "adapter.safetensors"))
     merge_lora(rebuilt)
     exported = pipe.transformer.state_dict()
-    base = load_twinflow_transformer(tiny_qwen_dir).state_dict()
+    base = load_twinflow_transformer(tiny_qwen_image).state_dict()
     changed = 0
     for name, tensor in rebuilt.state_dict().items():
         assert torch.equal(tensor, exported[name]), name
@@ -116,14 +116,14 @@ def test_reference_run_on_s3_checkpoints_logs_samples_and_exports(ray_local, tin
     assert image.shape == (1, 3, 64, 64) and torch.isfinite(image).all()
 
 
-def test_stopped_run_resumes_on_resubmission_with_identical_trajectory(ray_local, tiny_qwen_dir, tmp_path_factory,
+def test_stopped_run_resumes_on_resubmission_with_identical_trajectory(ray_local, tiny_qwen_image, tmp_path_factory,
                                                                        s3_server, bucket, capsys):
     from twinflow.train.trainer import run_training
 
     root = tmp_path_factory.getbasetemp()
-    _, ref, _ = reference_run(tiny_qwen_dir, root, s3_server, bucket)
+    _, ref, _ = reference_run(tiny_qwen_image, root, s3_server, bucket)
     ref_rows = [json.loads(x) for x in read_s3_text(s3_server, f"{ref.run_uri}/final/metrics.jsonl").splitlines()]
-    cfg = tiny_config(tiny_qwen_dir, digits_dir(root), f"{bucket}/runs", "split", run={"stop_at_step": 3},
+    cfg = tiny_config(tiny_qwen_image, digits_dir(root), f"{bucket}/runs", "split", run={"stop_at_step": 3},
                       sample={"enabled": False})
     fs = s3_server.filesystem()
 

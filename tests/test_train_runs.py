@@ -18,14 +18,14 @@ from train_support import digits_dir, tiny_config
 pytestmark = [pytest.mark.ray, pytest.mark.deepspeed]
 
 
-def test_zero3_full_parameter_run_partitions_weights_and_exports_them(ray_local, tiny_qwen_dir, tmp_path_factory,
+def test_zero3_full_parameter_run_partitions_weights_and_exports_them(ray_local, tiny_qwen_image, tmp_path_factory,
                                                                       tmp_path):
     from twinflow.models.pipeline import TwinFlowQwenImagePipeline
     from twinflow.models.qwen_image import TwinFlowQwenImageTransformer2DModel, load_twinflow_transformer
     from twinflow.train.trainer import run_training
 
     root = tmp_path_factory.getbasetemp()
-    cfg = tiny_config(tiny_qwen_dir, digits_dir(root), str(tmp_path / "runs"), "zero3",
+    cfg = tiny_config(tiny_qwen_image, digits_dir(root), str(tmp_path / "runs"), "zero3",
                       model={"mode": "full", "ema": False},
                       twinflow={"teacher": "self"},
                       # persistence threshold 0: even the tiny model's small weights are partitioned
@@ -47,7 +47,7 @@ def test_zero3_full_parameter_run_partitions_weights_and_exports_them(ray_local,
     assert [r["step"] for r in rows] == [1, 2, 3] and all(r["grad_norm"] > 0 for r in rows)
 
     trained = TwinFlowQwenImageTransformer2DModel.from_pretrained(run / "final" / "transformer")
-    initial = load_twinflow_transformer(tiny_qwen_dir)
+    initial = load_twinflow_transformer(tiny_qwen_image)
     t_state, i_state = trained.state_dict(), initial.state_dict()
     assert t_state.keys() == i_state.keys() and any(k.startswith("time_text_embed_2.") for k in t_state)
     moved = [k for k in t_state if not torch.equal(t_state[k], i_state[k])]
@@ -60,13 +60,13 @@ def test_zero3_full_parameter_run_partitions_weights_and_exports_them(ray_local,
     assert (run / "final" / "samples.png").is_file() and (run / "tensorboard").is_dir()
 
 
-def test_nan_losses_are_skipped_on_every_rank_and_a_streak_stops_the_run(ray_local, tiny_qwen_dir, tmp_path_factory,
+def test_nan_losses_are_skipped_on_every_rank_and_a_streak_stops_the_run(ray_local, tiny_qwen_image, tmp_path_factory,
                                                                          tmp_path):
     from twinflow.train.trainer import NonFiniteLossError, run_training
 
     root = tmp_path_factory.getbasetemp()
     # Rank 1's loss is NaN at steps 2, 4 and 5: step 2 is skipped alone; 4 and 5 make a streak of 2.
-    cfg = tiny_config(tiny_qwen_dir, digits_dir(root), str(tmp_path / "runs"), "nan", sample={"enabled": False},
+    cfg = tiny_config(tiny_qwen_image, digits_dir(root), str(tmp_path / "runs"), "nan", sample={"enabled": False},
                       run={"max_steps": 8, "checkpoint_every": 3, "nan_limit": 2},
                       debug={"nan_at_steps": [2, 4, 5], "nan_rank": 1})
     with pytest.raises(NonFiniteLossError, match=r"^training stopped at step 5: 2 steps in a row had non-finite "

@@ -17,9 +17,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from twinflow.tune.config import PRESETS, build_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.ray
 
 
 def _short_digits(storage: Path, name: str, steps: int) -> list[str]:
@@ -38,7 +42,7 @@ def test_asha_stops_the_trial_that_cannot_learn_and_the_winner_runs(ray_local, t
     outcome = run_sweep(cfg)
     rows = {r["lr"]: r for r in outcome.rows}
     assert len(outcome.rows) == 3 and not outcome.restored and outcome.max_concurrent_trials == 1
-    assert rows[2e-3]["status"] == COMPLETED and rows[2e-3]["step"] == 300 and rows[2e-3]["reports"] == 3
+    assert rows[2e-3]["status"] == COMPLETED and rows[2e-3]["step"] == 300 and rows[2e-3]["reports"] == 4  # 3 log steps + the run's end
     assert rows[1e-7]["status"] == STOPPED and rows[1e-7]["step"] == 100 and rows[1e-7]["reports"] == 1
     assert rows[1e-7]["frechet_1nfe"] > 2 * rows[2e-3]["frechet_1nfe"]
     assert rows[2e-3]["recall_1nfe"] > 0.3

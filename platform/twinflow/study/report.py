@@ -16,6 +16,11 @@ COLUMNS = {
 LOWER_IS_BETTER = {"frechet", "sliced_w2", "off_mode"}
 
 
+def _cell(row: dict, col: str, seeds: int) -> str:
+    """mean ± std over evaluation seeds; the mean alone with one seed (its std is no measurement)."""
+    return f"{row[col]:.3f} ± {row[col + '_std']:.3f}" if seeds > 1 else f"{row[col]:.3f}"
+
+
 def write_markdown(path: Path, results: dict, cfg) -> str:
     lines = ["# Small-scale study", ""]
     lines += _lambda_table(results.get("lam_sweep", {}), results.get("reference", {}), cfg)
@@ -24,13 +29,14 @@ def write_markdown(path: Path, results: dict, cfg) -> str:
             continue
         cols = COLUMNS[ds]
         steps = getattr(cfg, ds).steps
-        lines += [f"## {ds} ({steps} steps, {cfg.eval.seeds} eval seed(s); mean ± std)", "",
+        spread = "; mean ± std" if cfg.eval.seeds > 1 else ""
+        lines += [f"## {ds} ({steps} steps, {cfg.eval.seeds} eval seed(s){spread})", "",
                   "| method | NFE | " + " | ".join(f"{c} {'↓' if c in LOWER_IS_BETTER else '↑'}" for c in cols)
                   + " | sampler |",
                   "|---|---|" + "---|" * (len(cols) + 1)]
         for method, by_nfe in results[ds].items():
             for key, row in by_nfe.items():
-                cells = [f"{row[c]:.3f} ± {row[c + '_std']:.3f}" for c in cols]
+                cells = [_cell(row, c, cfg.eval.seeds) for c in cols]
                 lines.append(f"| {method} | {key.removeprefix('nfe_')} | " + " | ".join(cells) + f" | {row['sampler']} |")
         ref = results.get("reference", {}).get(ds)
         if ref and ds in results:
@@ -51,7 +57,7 @@ def _lambda_table(sweep: dict, reference: dict, cfg) -> list[str]:
                   "|---|" + "---|" * len(cols)]
         for lam, by_nfe in sorted(by_lam.items(), key=lambda kv: float(kv[0])):
             row = by_nfe["nfe_1"]
-            lines.append(f"| {float(lam):.3f} | " + " | ".join(f"{row[c]:.3f} ± {row[c + '_std']:.3f}" for c in cols) + " |")
+            lines.append(f"| {float(lam):.3f} | " + " | ".join(_cell(row, c, cfg.eval.seeds) for c in cols) + " |")
         ref = reference.get(ds, {})
         lines += ["| real vs real | " + " | ".join(f"{ref[c]:.3f}" if c in ref else "—" for c in cols) + " |", ""]
     return lines

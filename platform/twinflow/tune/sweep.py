@@ -146,9 +146,14 @@ def build_tuner(cfg: SweepConfig, storage: RunStorage, max_concurrent_trials: in
     tuner = tune.Tuner(
         trainable,
         param_space=param_space(cfg),
+        # The concurrency limit goes to the variant generator itself: Tune ignores
+        # TuneConfig.max_concurrent_trials when search_alg is a SearchGenerator (it warns and runs
+        # every trial at once), and we need our own generator for the seeded draws.
         tune_config=tune.TuneConfig(metric=cfg.metric, mode=cfg.mode, scheduler=scheduler,
-                                    num_samples=cfg.tune.num_samples, max_concurrent_trials=max_concurrent_trials,
-                                    search_alg=BasicVariantGenerator(random_state=cfg.tune.seed), reuse_actors=False),
+                                    num_samples=cfg.tune.num_samples,
+                                    search_alg=BasicVariantGenerator(random_state=cfg.tune.seed,
+                                                                     max_concurrent=max_concurrent_trials),
+                                    reuse_actors=False),
         run_config=tune.RunConfig(name=cfg.name, storage_path=storage.root if storage.remote else cfg.storage_path,
                                   storage_filesystem=fs, verbose=1,
                                   failure_config=tune.FailureConfig(max_failures=0)),
