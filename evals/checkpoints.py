@@ -30,14 +30,13 @@ def convert_training_checkpoint(checkpoint_dir: Path, out_dir: Path) -> Path:
     """Raw training checkpoint -> diffusers pipeline folder under ``out_dir`` (idempotent: an export of the
     same checkpoint there is reused). Returns the pipeline folder."""
     from twinflow.export.exporter import export_pipeline_folder
-    from twinflow.export.sources import ExportError, inspect_source
+    from twinflow.export.sources import ExportError
 
     try:
-        inspect_source(checkpoint_dir)
+        return export_pipeline_folder(checkpoint_dir, out_dir)
     except ExportError as exc:
         raise NeedsConversion(f"{exc}; export a pipeline folder into {checkpoint_dir}/pipeline or pass a diffusers "
                               f"folder to --checkpoint") from None
-    return export_pipeline_folder(checkpoint_dir, out_dir)
 
 
 def is_pipeline(path: Path) -> bool:

@@ -3,8 +3,9 @@
 Writes ``<out>/pipeline/`` (a TwinFlowQwenImagePipeline folder: LoRA merged or the full transformer,
 sampler presets for 1/2/4 NFE), and for LoRA runs ``<out>/lora/`` (diffusers
 pytorch_lora_weights.safetensors, the target-time embedder E2, a ComfyUI file), plus
-``<out>/export.json``; ``<out>`` defaults to ``<checkpoint>/export``. No GPU and no Ray needed:
-DeepSpeed's offline consolidation runs on CPU. Tiny, after ``python jobs/train_qwen.py`` (the CPU demo)::
+``<out>/export.json``; ``<out>`` defaults to ``<checkpoint>/export`` (for a run folder: the export/
+of its final/ or newest checkpoint). No GPU and no Ray needed: DeepSpeed's offline consolidation
+runs on CPU. Tiny, after ``python jobs/train_qwen.py`` (the CPU demo)::
 
     python jobs/export.py --checkpoint runs/tiny-digits/checkpoint_step_00000120 --dry-run
     python jobs/export.py --checkpoint runs/tiny-digits/checkpoint_step_00000120 --use-ema

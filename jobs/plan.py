@@ -9,7 +9,7 @@ CPU and prints measured vs planned peak memory. The last line printed with ``--j
 
     python jobs/plan.py --preset qwen_image_lora_512
     python jobs/plan.py --preset qwen_image_full_zero3_1024 --set num_gpus=16 --set offload_optimizer=true
-    python jobs/plan.py --preset qwen_image_full_zero3_1024 --set num_gpus=1 --set zero_stage=0 --compare
+    python jobs/plan.py --preset qwen_image_full_zero3_1024 --set num_gpus=1 --set zero_stage=0 --set grad_accum=3 --compare
     python jobs/plan.py --preset tiny --calibrate --json          # tiny CPU check (~1 min)
 
 Fields for --set: model.mode (lora|full), model.lora.rank, model.dtype, model.gradient_checkpointing,

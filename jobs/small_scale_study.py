@@ -5,15 +5,15 @@ mixture with Ray Train CPU workers (a local Ray is started if none is running), 
 1, 2, 4 and 100 NFE with fixed seeds, and scores them against their real-vs-real floors.
 Writes OUT/results.json, OUT/results.md and OUT/samples_<dataset>_<method>.png.
 
-    python jobs/small_scale_study.py --quick                 # minutes on 2 cores (CI, make demo)
-    python jobs/small_scale_study.py --out runs/study        # the full study (≈30 min on 2 cores)
+    python jobs/small_scale_study.py --quick                 # ≈2 min on 2 cores (tests, smoke runs)
+    python jobs/small_scale_study.py --out runs/study        # the full study (≈20 min on 2 cores)
     python jobs/small_scale_study.py --sweep-lam             # the λ ablation on digits (λ = 0 … 2/3)
     python jobs/small_scale_study.py --datasets mixture2d --steps 3000 --lam 0.25 \
         --set method.twinflow.teacher=ema --set eval.seeds=1
     ray job submit --working-dir . -- python jobs/small_scale_study.py --workers 4
 
 The workers share the study run by run (``parallel: runs``: no per-step all-reduce, the fastest
-for these small networks); ``--set parallel=data`` trains every run data-parallel (DDP) over all
+for these small networks); ``--set parallel=data`` trains every run data-parallel (torch DDP) over all
 workers instead, as the Qwen-Image job does. --dry-run prints the resolved config and exits.
 """
 

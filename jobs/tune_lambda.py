@@ -4,7 +4,8 @@ Each trial is a Tune function trainable that builds and fits a TorchTrainer for 
 reports the loss and a cheap 1-NFE quality proxy to Tune (TuneReportCallback); ASHA stops the
 worst trials at its rungs. Writes the trial table (trials.md, trials.csv), metric_vs_lambda.png and
 the winner as ready-to-run YAML (best_train_qwen.yaml; best_study.yaml for digits) under
-<storage_path>/<name>/results. Re-running the same name restores an interrupted sweep.
+<storage_path>/<name>/results (./runs/tune-results/<name> when storage is remote; ``results_dir``
+overrides). Re-running the same name restores an interrupted sweep.
 
     python jobs/tune_lambda.py                                   # digits on CPUs (minutes, 2 cores)
     python jobs/tune_lambda.py --set tune.num_samples=1 --set digits.train.steps=300 \\

@@ -148,7 +148,8 @@ def iter_rows_by_shape(batches: Iterator[dict], batch_size: int, kind: str) -> I
                     del buf[k][:batch_size]
 
 
-def _to_training_batch(batch: dict, spec: BatchSpec) -> dict[str, torch.Tensor]:
+def to_training_batch(batch: dict, spec: BatchSpec) -> dict[str, torch.Tensor]:
+    """{"latents", "prompt_embeds", "prompt_mask"} from one grouped batch of dataset rows."""
     if spec.kind == "cache":
         latents, embeds = decode_rows(batch, spec.cache_dtype)
         return collate_cached(latents, embeds)
@@ -157,7 +158,8 @@ def _to_training_batch(batch: dict, spec: BatchSpec) -> dict[str, torch.Tensor]:
     return encoder.training_batch(pixels, [str(t) for t in batch["text"]])
 
 
-def _all_ranks_have_batch(have: bool) -> bool:
+def all_ranks_have_batch(have: bool) -> bool:
+    """MIN over ranks of "I have a batch" (bucketed data can run out unevenly)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -181,11 +183,11 @@ def iter_training_batches(shard, spec: BatchSpec, device: torch.device | str | N
     grouped = iter_rows_by_shape(raw, spec.batch_size, spec.kind)
     while True:
         nxt = next(grouped, None)
-        if spec.equalize and not _all_ranks_have_batch(nxt is not None):
+        if spec.equalize and not all_ranks_have_batch(nxt is not None):
             return
         if nxt is None:
             return
-        batch = _to_training_batch(nxt, spec)
+        batch = to_training_batch(nxt, spec)
         if device is not None:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         yield batch
@@ -201,5 +203,6 @@ def batches_per_rank(num_rows: int, world_size: int, batch_size: int) -> int:
     return rows_per_rank(num_rows, world_size) // batch_size
 
 
-__all__ = ["BatchSpec", "TrainingData", "open_training_data", "iter_training_batches", "collate_cached",
+__all__ = ["BatchSpec", "TrainingData", "open_training_data", "iter_training_batches", "to_training_batch",
+           "all_ranks_have_batch", "collate_cached",
            "iter_rows_by_shape", "rows_per_rank", "batches_per_rank"]

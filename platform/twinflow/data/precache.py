@@ -122,21 +122,11 @@ class PrecacheResult:
                 "seconds": round(self.seconds, 2)}
 
 
-def tiny_model_dir() -> str:
-    from pathlib import Path
-
-    return str(Path.home() / ".cache" / "twinflow" / "tiny-qwen-image")
-
-
 def resolve_model_path(path: str, build: bool = True) -> str:
     """``"tiny"`` -> the random-weight test model's folder (built on first use); other paths unchanged."""
-    if path != "tiny":
-        return path
-    if build:
-        from twinflow.models.tiny_qwen import build_tiny_qwen_image
+    from twinflow.models.tiny_qwen import resolve_tiny_model
 
-        build_tiny_qwen_image(tiny_model_dir(), "tiny", overwrite=False)
-    return tiny_model_dir()
+    return resolve_tiny_model(path, build=build)
 
 
 def vae_info(model_path: str) -> dict:

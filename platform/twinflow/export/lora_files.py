@@ -40,13 +40,15 @@ from typing import Any
 
 import torch
 
+from twinflow.export.sources import materialise
+from twinflow.models.qwen_image import E2_PREFIX
+
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
 TARGET_EMBEDDER_FILE = "twinflow_target_embedder.safetensors"
 COMFYUI_LORA_FILE = "comfyui_lora.safetensors"
 LORA_MANIFEST = "twinflow_lora.json"
 DIFFUSERS_PREFIX = "transformer."
 COMFYUI_PREFIX = "diffusion_model."
-E2_PREFIX = "time_text_embed_2."
 _SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 
 
@@ -121,11 +123,7 @@ def write_lora_folder(folder: str | Path, state: dict[str, torch.Tensor], alpha:
 
 def _plain(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     """CPU, ``dtype``, contiguous and owning its memory (safetensors refuses tensors that share it)."""
-    t = t.detach().to("cpu")
-    if dtype is not None and t.is_floating_point():
-        t = t.to(dtype)
-    t = t.contiguous()
-    return t.clone() if t.untyped_storage().nbytes() != t.numel() * t.element_size() else t
+    return materialise(t.detach().to("cpu"), dtype)
 
 
 def load_twinflow_lora(pipe, folder: str | Path, adapter_name: str | None = None, presets: bool = True) -> None:

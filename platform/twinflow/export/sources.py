@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from twinflow.config.errors import ConfigError
+from twinflow.models.qwen_image import E2_PREFIX
 from twinflow.train.config import TrainConfig
 
 CHECKPOINT = "checkpoint"
@@ -48,7 +49,6 @@ STATE_DIR, SHARED_FILE = "twinflow", "shared.pt"
 _OPTIM = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
 _ZERO3_MODEL = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_\d+_model_states\.pt$")
 _LORA_ADAPTER = re.compile(r"\.(lora_[AB])\.default\.")
-E2_PREFIX = "time_text_embed_2."
 MODULE_PREFIX = "transformer."
 """The training engine wraps the transformer in QwenImageVelocity: its state-dict keys start with this."""
 

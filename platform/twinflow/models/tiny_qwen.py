@@ -16,7 +16,9 @@ Building is deterministic: the same preset and seed give byte-identical weights.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,3 +135,37 @@ def build_tiny_qwen_image(path: str | Path, preset: str = "tiny", seed: int = 0,
     pipe.save_pretrained(path)
     (path / "tiny_preset.json").write_text(json.dumps({"preset": preset, "seed": seed}))
     return path
+
+
+def cache_dir() -> Path:
+    """Where jobs build their inputs on first use: ``$TWINFLOW_CACHE`` or ~/.cache/twinflow."""
+    return Path(os.environ.get("TWINFLOW_CACHE") or Path.home() / ".cache" / "twinflow")
+
+
+def build_once(target: Path, marker: str, build) -> Path:
+    """``build(tmp)`` into a temp folder beside ``target``, renamed into place; skipped when
+    ``target/marker`` exists, so an interrupted build is never mistaken for a finished one."""
+    if (target / marker).exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        build(tmp)
+        if target.exists():  # an interrupted build left it without its marker
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_tiny_model(path: str, build: bool = True) -> str:
+    """A tiny preset name (``tiny``, ``tiny-qwen``) -> its folder in the cache, built on first use
+    unless ``build`` is false; any other path unchanged."""
+    if path not in TINY_PRESETS:
+        return path
+    target = cache_dir() / f"{path}-qwen-image"
+    if build:
+        build_once(target, "tiny_preset.json", lambda tmp: build_tiny_qwen_image(tmp, path, seed=0))
+    return str(target)
+

@@ -12,7 +12,8 @@ Static (alive for the whole step), per GPU:
                    the frozen base has none); ZeRO ≥ 1 divides master + moments by the GPU count,
                    optimizer offload moves them (and DeepSpeed's fp32 gradient copy) to host RAM
   gradients        one per trained parameter in its dtype; ZeRO ≥ 2 divides by the GPU count
-  comm buffers     DeepSpeed's reduce/all-gather buckets (×4.5 with overlap_comm, DeepSpeed's figure)
+  comm buffers     DeepSpeed's reduce/all-gather buckets (ZeRO-1/2 with overlap_comm ×4.5, DeepSpeed's
+                   figure; ZeRO-3 reduce bucket ×2 with overlap_comm)
   teacher copy     self: nothing; EMA/frozen full model: a second set of weights; LoRA EMA: a
                    second adapter + an E2 copy; LoRA frozen: an E2 copy
   text encoder/VAE only when resident (bf16); the platform pre-caches both by default
@@ -37,7 +38,6 @@ teacher copy — the paper's memory argument, on our own numbers.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -317,8 +317,3 @@ def _comm_buffers(inputs: PlanInputs, trained: int, trained_bytes: int) -> float
         return reduce * (2 if overlap else 1)
     gather = min(b.allgather_bucket_size, trained) * trained_bytes if z in (1, 2) else 0
     return (reduce + gather) * (4.5 if overlap else 1.0)
-
-
-def with_changes(inputs: PlanInputs, **changes: Any) -> PlanInputs:
-    """A copy of ``inputs`` with top-level fields replaced (for what-if comparisons)."""
-    return dataclasses.replace(inputs, **changes)

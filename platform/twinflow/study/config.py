@@ -61,7 +61,7 @@ class StudyConfig:
     parallel: Literal["runs", "data"] = "runs"
     """How the workers share the work (study/ray_job.py): ``runs`` — each worker trains whole runs
     alone (fastest for these small networks: no per-step all-reduce); ``data`` — every run is
-    data-parallel (DDP) over all workers, as the Qwen-Image job trains."""
+    data-parallel (torch DDP) over all workers, like the Qwen-Image job (which uses DeepSpeed)."""
     digits: TrainSettings = field(default_factory=lambda: TrainSettings(steps=8000, lr=1e-3,
                                                                         net=NetSettings(width=256, depth=4)))
     mixture2d: TrainSettings = field(default_factory=lambda: TrainSettings(steps=10_000, lr=1e-3,
@@ -95,7 +95,7 @@ def full() -> StudyConfig:
 
 
 def quick() -> StudyConfig:
-    """Minutes on 2 cores: short runs, smaller evaluation. For CI and ``make demo``, not for conclusions."""
+    """Minutes on 2 cores: short runs, smaller evaluation. For tests and smoke runs, not for conclusions."""
     cfg = StudyConfig(out="runs/study-quick")
     cfg.digits.steps = 800
     cfg.mixture2d.steps = 2500

@@ -7,8 +7,8 @@ Workers are CPU processes joined by a gloo process group (Ray's TorchBackend). T
         cost; every worker reports once at the end, with a checkpoint holding its runs (Ray merges
         the workers' files into one checkpoint directory). The default: the study's networks are
         so small that a gloo all-reduce per step costs more than it saves (measured on 2 cores,
-        digits TwinFlow: 1 worker × 2 threads 13.7 it/s, 2 DDP workers 10.8 it/s; two runs side
-        by side, one thread each, ~12.8 it/s each).
+        digits TwinFlow: 1 worker × 2 threads 13.7 it/s, 2 DDP workers 10.8 it/s; in the full
+        study, two runs side by side on one thread each, 12.5 it/s each).
   data  every run is data-parallel over all workers (DDP replicas, each draws its own micro-batch,
         blocks dealt over the global batch); ranks report every log step and rank 0 attaches
         each run's checkpoint. The path the Qwen-Image job takes at scale, and Tune's trials.
@@ -36,8 +36,10 @@ PARALLEL_MODES = ("runs", "data")
 
 
 def run_cost(run: dict) -> float:
-    """Relative CPU cost of a run, for dealing runs over workers: steps × per-step cost measured on
-    2 cores (digits ≈ 3× a mixture step; RCGM / TwinFlow ≈ 1.6× a flow-matching step)."""
+    """Relative CPU cost of a run, for dealing runs over workers: steps × a rough per-step weight
+    (digits 3× a mixture step, RCGM / TwinFlow 1.6× a flow-matching step). The full study measured
+    digits ≈ 6× and RCGM / TwinFlow 1.1–1.6×; the deal it gave was still balanced (1002 s vs 912 s
+    of training per worker)."""
     per_step = 3.0 if run["dataset"] == "digits" else 1.0
     if run["method_name"] != "fm":
         per_step *= 1.6

@@ -19,31 +19,7 @@ from typing import Iterator
 
 import torch
 
-from twinflow.data.cache import decode_rows
-from twinflow.data.encode import cached_encoder
-from twinflow.data.loader import BatchSpec, collate_cached, iter_rows_by_shape
-from twinflow.data.transforms import to_model_pixels
-
-
-def to_training_batch(rows: dict, spec: BatchSpec) -> dict[str, torch.Tensor]:
-    """{"latents", "prompt_embeds", "prompt_mask"} from one grouped batch of dataset rows."""
-    if spec.kind == "cache":
-        latents, embeds = decode_rows(rows, spec.cache_dtype)
-        return collate_cached(latents, embeds)
-    encoder = cached_encoder(spec.model_path, spec.encode_device, spec.encode_dtype, spec.max_sequence_length)
-    return encoder.training_batch(to_model_pixels(rows["image"]), [str(t) for t in rows["text"]])
-
-
-def _all_ranks_have(have: bool) -> bool:
-    """MIN over ranks of "I have a batch" (bucketed data can run out unevenly)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return have
-    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    flag = torch.tensor([1 if have else 0], dtype=torch.int32, device=dev)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+from twinflow.data.loader import BatchSpec, all_ranks_have_batch, iter_rows_by_shape, to_training_batch
 
 
 class MicroBatches:
@@ -69,7 +45,7 @@ class MicroBatches:
 
     def _next_rows(self) -> dict | None:
         rows = next(self._rows, None)
-        if self.spec.equalize and not _all_ranks_have(rows is not None):
+        if self.spec.equalize and not all_ranks_have_batch(rows is not None):
             return None
         return rows
 

@@ -13,10 +13,10 @@ Choices that are not DeepSpeed defaults, and why:
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any
 
+from twinflow.config.tree import deep_merge
 from twinflow.train.config import OptimConfig, TrainConfig
 
 
@@ -49,21 +49,15 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
         o = cfg.optim
         out["optimizer"] = {"type": "AdamW", "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps,
                                                         "weight_decay": o.weight_decay}}
-    return _merge(out, ds.extra)
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
+    return deep_merge(out, ds.extra)
 
 
 class LrSchedule:
     """Multiplier of optim.lr per optimizer step: linear warm-up, then constant or cosine.
 
-    A plain object (not a lambda) so that ``LambdaLR.state_dict`` — saved in every DeepSpeed
-    checkpoint — carries it, and a resumed run continues the same curve.
+    A plain object, not a closure: ``LambdaLR.state_dict`` (in every DeepSpeed checkpoint) saves its
+    attributes, and on resume ``reset_lr_schedule`` (engine.py) swaps in this submission's settings,
+    so the restored step count continues on the curve the new config describes.
     """
 
     def __init__(self, optim: OptimConfig, max_steps: int):

@@ -35,7 +35,7 @@ from twinflow.train.tracking import write_jsonl
 CONSOLIDATED = "consolidated_model.bin"
 
 
-def gather_transformer(engine, cfg: TrainConfig, rank: int, model_path: str):
+def gather_transformer(engine, cfg: TrainConfig, rank: int):
     """The whole trained transformer on rank 0 (None on other ranks). Collective under ZeRO-3."""
     velocity = engine.module
     if cfg.deepspeed.zero_stage != 3:
@@ -101,16 +101,19 @@ def write_final(transformer, cfg: TrainConfig, model_path: str, out_dir: str | P
 
 
 def export_pipeline(transformer, cfg: TrainConfig, model_path: str, folder: Path) -> str:
-    """A TwinFlowQwenImagePipeline folder: the base pipeline's VAE/text encoder + the trained transformer."""
+    """A TwinFlowQwenImagePipeline folder: the base pipeline's VAE/text encoder + the trained transformer
+    (LoRA merged), with the export job's default sampler presets (twinflow.export)."""
+    from twinflow.export.config import ExportConfig
+    from twinflow.export.exporter import sampler_presets
+    from twinflow.export.pipeline_folder import save_pipeline
     from twinflow.models.lora import is_lora, merge_lora
-    from twinflow.models.pipeline import TwinFlowQwenImagePipeline
 
     trained = copy.deepcopy(transformer).to("cpu")
     if is_lora(trained):
         merge_lora(trained, dtype=cfg.model.torch_dtype)
     trained.requires_grad_(False).eval()
-    pipe = TwinFlowQwenImagePipeline.from_pretrained(model_path, transformer=trained)
-    pipe.save_pretrained(folder)
+    defaults = ExportConfig()
+    save_pipeline(trained, model_path, folder, sampler_presets(defaults), defaults.default_steps, cfg.model.torch_dtype)
     return "pipeline"
 
 

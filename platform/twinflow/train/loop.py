@@ -281,7 +281,7 @@ class Worker:
 
         from twinflow.train.export import gather_transformer, write_final
 
-        transformer = gather_transformer(self.engine, self.cfg, self.rank, self.model_path)
+        transformer = gather_transformer(self.engine, self.cfg, self.rank)
         uri = None
         if self.rank == 0:
             teacher_state = self.teacher.state_dict() if hasattr(self.teacher, "state_dict") else None

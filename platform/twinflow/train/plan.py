@@ -53,17 +53,12 @@ to their longest prompt, at most encode.max_sequence_length)."""
 
 
 def plan_overrides(cfg: TrainConfig) -> dict[str, Any]:
-    """``plan_from_train_config`` keyword overrides that spell out every TrainConfig field the planner
-    needs, so nothing depends on its name guessing: the DeepSpeed micro-batch and accumulation are
-    ``deepspeed.micro_batch_per_gpu`` / ``deepspeed.gradient_accumulation`` here, which its lookup
-    table does not list (it would fail on micro_batch and silently plan accumulation 1)."""
+    """What the planner cannot read from the config tree itself (``plan_from_train_config`` reads
+    ZeRO stage, offload, micro-batch, accumulation, resolution and workers): the prompt length
+    planned, which encoders stay resident, and the tiny models' architecture."""
     from twinflow.train.prepare import TINY_MODELS
 
-    ds = cfg.deepspeed
     out: dict[str, Any] = {
-        "num_gpus": cfg.scaling.num_workers, "zero_stage": ds.zero_stage, "offload_optimizer": ds.offload_optimizer,
-        "offload_params": ds.offload_params, "micro_batch": ds.micro_batch_per_gpu,
-        "grad_accum": ds.gradient_accumulation, "resolution": cfg.data.resolution,
         "text_tokens": min(TYPICAL_TEXT_TOKENS, cfg.encode.max_sequence_length),
         # Raw data is encoded inside each worker (text encoder + VAE stay loaded); rank 0 also keeps
         # the VAE to decode the sample grids.

@@ -15,19 +15,17 @@ the method, the sharding); schedule length, logging, sampling and fault settings
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import yaml
 
 from twinflow.config.errors import ConfigError
 from twinflow.config.tree import dump_yaml, to_dict
+from twinflow.models.tiny_qwen import TINY_PRESETS, build_once, cache_dir, resolve_tiny_model
 from twinflow.train.config import DIGITS_SOURCE, TrainConfig
 from twinflow.train.storage import RunStorage
 
-TINY_MODELS = ("tiny", "tiny-qwen")
+TINY_MODELS = tuple(TINY_PRESETS)
 CONFIG_FILE = "config.yaml"
 DIGITS_ROWS = 512
 DIGITS_SHARDS = 4
@@ -38,34 +36,9 @@ RESUME_FIXED = ("model", "data.source", "data.format", "data.resolution", "data.
                 "scaling.num_workers", "run.seed")
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("TWINFLOW_CACHE") or Path.home() / ".cache" / "twinflow")
-
-
-def _build_once(target: Path, marker: str, build) -> Path:
-    if (target / marker).exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        build(tmp)
-        if target.exists():  # an interrupted build left it without its marker
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
 def resolve_model_path(path: str) -> str:
     """A tiny preset name -> its folder (built on first use); anything else unchanged."""
-    if path not in TINY_MODELS:
-        return path
-    from twinflow.models.tiny_qwen import build_tiny_qwen_image
-
-    target = cache_dir() / f"{path}-qwen-image" if path != "tiny" else cache_dir() / "tiny-qwen-image"
-    return str(_build_once(target, "tiny_preset.json",
-                           lambda tmp: build_tiny_qwen_image(tmp, path, seed=0)))
+    return resolve_tiny_model(path)
 
 
 def resolve_data_source(source: str, resolution: int) -> str:
@@ -78,7 +51,7 @@ def resolve_data_source(source: str, resolution: int) -> str:
         write_digits_dataset(str(tmp), "parquet", n=DIGITS_ROWS, shards=DIGITS_SHARDS, size=resolution)
         (tmp / "_complete").write_text("ok\n")  # '_' files are invisible to the readers
 
-    return str(_build_once(cache_dir() / f"digits-{DIGITS_ROWS}-{resolution}px", "_complete", build))
+    return str(build_once(cache_dir() / f"digits-{DIGITS_ROWS}-{resolution}px", "_complete", build))
 
 
 def resolved(cfg: TrainConfig) -> tuple[TrainConfig, str]:

@@ -109,10 +109,10 @@ def seed_everything(seed: int) -> None:
 # ---------------------------------------------------------------------------
 
 
-def write_rank_state(root: str | Path, rank: int, generator: torch.Generator | None, extra: dict | None = None) -> None:
+def write_rank_state(root: str | Path, rank: int, generator: torch.Generator | None) -> None:
     d = Path(root) / STATE_DIR
     d.mkdir(parents=True, exist_ok=True)
-    torch.save({"rng": capture_rng(generator), **(extra or {})}, d / rank_file(rank))
+    torch.save({"rng": capture_rng(generator)}, d / rank_file(rank))
 
 
 def write_shared_state(root: str | Path, state: TrainState, teacher_state: dict | None, world_size: int,

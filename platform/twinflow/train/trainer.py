@@ -5,8 +5,8 @@
 
 What it sets up, and why:
   ScalingConfig      num_workers × resources_per_worker (GPU presets: {"GPU": 1, "twinflow_train": 1})
-  TorchConfig        backend nccl/gloo and an explicit collective ``timeout_s``: a dead peer fails
-                     the step (and Ray Train restarts the group) instead of hanging for 30 min
+  TorchConfig        backend nccl/gloo and the collective timeout ``scaling.timeout_s``: a dead peer
+                     fails the step after it (and Ray Train restarts the group) instead of hanging
   RunConfig          storage_path (+ storage_filesystem for S3), name, CheckpointConfig(num_to_keep),
                      FailureConfig(max_failures): a dead worker or node restarts the whole group
                      from the latest registered checkpoint
@@ -20,7 +20,6 @@ the workers restore the latest (train/loop.py); ``check_resubmission`` refuses i
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 import time
@@ -113,6 +112,7 @@ def run_training(cfg: TrainConfig, storage_filesystem=None, callbacks: list | tu
     existed = check_resubmission(storage, cfg)
     if existed:
         print(f"[twinflow] {storage.uri()} exists: resuming from its latest checkpoint", file=sys.stderr, flush=True)
+    mlflow_env(cfg)  # its config error (mlflow: on without a tracking URI) comes before Ray starts
     connect()
     trainer = build_trainer(cfg, storage, callbacks)
     result = trainer.fit()
@@ -124,9 +124,3 @@ def run_training(cfg: TrainConfig, storage_filesystem=None, callbacks: list | tu
             f"losses (run.nan_limit={cfg.run.nan_limit}; {summary['skipped_steps']} skipped in all). The last good "
             f"checkpoint is in {storage.uri()}; lower optim.lr, check the data, or raise run.nan_limit")
     return outcome
-
-
-def with_overrides(cfg: TrainConfig, **sections: dict) -> TrainConfig:
-    """A copy of ``cfg`` with fields of some sections replaced: with_overrides(cfg, run={"max_steps": 6})."""
-    changes = {name: dataclasses.replace(getattr(cfg, name), **fields) for name, fields in sections.items()}
-    return dataclasses.replace(cfg, **changes)

@@ -171,16 +171,12 @@ def best_train_config(winner: dict, cfg: SweepConfig):
     """The TrainConfig for jobs/train_qwen.py: the swept one (qwen) or the sweep's qwen section with
     the digits winner's λ and lr (digits), then ``promote``; validated like the job validates it."""
     from twinflow.train.config import TrainConfig
-    from twinflow.tune.trials import trial_target
+    from twinflow.tune.trials import trial_target, with_params
 
     if cfg.target == "qwen":
         base = trial_target(cfg, winner_params(winner, cfg))
     else:
-        import dataclasses
-
-        base = dataclasses.replace(cfg.qwen, twinflow=dataclasses.replace(cfg.qwen.twinflow, lam=float(winner["lam"]),
-                                                                          block_weights=None),
-                                   optim=dataclasses.replace(cfg.qwen.optim, lr=float(winner["lr"])))
+        base = with_params(cfg.qwen, {LAM_PATH: float(winner["lam"]), LR_PATH["qwen"]: float(winner["lr"])}, "qwen")
     return build(TrainConfig, base, None, cfg.promote)
 
 

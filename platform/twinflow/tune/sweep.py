@@ -6,8 +6,8 @@
 Resumable: the experiment lives at <storage_path>/<name>. When it already holds Tune's experiment
 state, the driver restores it with ``Tuner.restore(path, trainable=..., resume_unfinished=True,
 resume_errored=True)`` instead of starting over: finished trials keep their results and are not run
-again, unfinished and errored ones run again (their Train runs resume from their checkpoints, see
-trials.py). The first submission records the resolved config as sweep.yaml beside Tune's state; a
+again, unfinished and errored ones run again (qwen trials' Train runs resume from their checkpoints;
+digits trials are short and start over, see trials.py). The first submission records the resolved config as sweep.yaml beside Tune's state; a
 re-run whose search, scheduler or target differs is refused (it would mix two sweeps in one table).
 """
 
@@ -154,8 +154,7 @@ def build_tuner(cfg: SweepConfig, storage: RunStorage, max_concurrent_trials: in
                                     search_alg=BasicVariantGenerator(random_state=cfg.tune.seed,
                                                                      max_concurrent=max_concurrent_trials),
                                     reuse_actors=False),
-        run_config=tune.RunConfig(name=cfg.name, storage_path=storage.root if storage.remote else cfg.storage_path,
-                                  storage_filesystem=fs, verbose=1,
+        run_config=tune.RunConfig(name=cfg.name, **storage.ray_run_config_kwargs(), verbose=1,
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )
     return tuner, False

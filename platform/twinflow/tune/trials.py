@@ -32,24 +32,24 @@ SWEEP_OWNED = ("run.name", "run.storage_path")
 """Fields each trial sets itself (the Train run's place); they cannot be searched."""
 
 
-def target_class(target: str) -> type:
-    from twinflow.tune.config import DigitsTarget
+def with_params(config, params: dict[str, Any], where: str):
+    """A copy of a config tree with ``params`` ({dotted path: value}) set, validated. Setting λ clears
+    explicit block weights, which would otherwise override it."""
+    from twinflow.tune.config import LAM_PATH
 
-    return DigitsTarget if target == "digits" else TrainConfig
+    base = to_dict(config)
+    for path, value in params.items():
+        set_dotted(base, path.split("."), value)
+        if path == LAM_PATH:
+            set_dotted(base, ["twinflow", "block_weights"], None)
+    out = from_dict(type(config), base, where)
+    validate(out, where)
+    return out
 
 
 def trial_target(cfg, params: dict[str, Any]):
     """The target's config (DigitsTarget or TrainConfig) with the trial's values at their dotted paths."""
-    from twinflow.tune.config import LAM_PATH
-
-    base = to_dict(cfg.digits if cfg.target == "digits" else cfg.qwen)
-    for path, value in params.items():
-        set_dotted(base, path.split("."), value)
-        if path == LAM_PATH:
-            set_dotted(base, ["twinflow", "block_weights"], None)  # explicit block weights would ignore λ
-    target = from_dict(target_class(cfg.target), base, cfg.target)
-    validate(target, cfg.target)
-    return target
+    return with_params(cfg.digits if cfg.target == "digits" else cfg.qwen, params, cfg.target)
 
 
 def check_search_space(cfg) -> None:
@@ -67,11 +67,6 @@ def check_search_space(cfg) -> None:
                 raise ConfigError(f"search {path}={spec}: the target refuses {path}={value!r}: {exc}") from None
 
 
-def trial_params(config: dict[str, Any]) -> dict[str, Any]:
-    """The trial's searched values (Tune's config for the trial; every key is a dotted path)."""
-    return dict(config)
-
-
 def run_trial(config: dict[str, Any], sweep: dict) -> None:
     """The Tune function trainable (wrapped with tune.with_parameters(sweep=...) in sweep.py)."""
     import ray.tune
@@ -81,7 +76,7 @@ def run_trial(config: dict[str, Any], sweep: dict) -> None:
     cfg = from_dict(SweepConfig, sweep)
     context = ray.tune.get_context()
     trial_id = context.get_trial_id()
-    target = trial_target(cfg, trial_params(config))
+    target = trial_target(cfg, dict(config))  # Tune's config: {dotted path: value}
     if cfg.target == "digits":
         fit_digits_trial(cfg, target, trial_id)
     else:
