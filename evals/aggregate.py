@@ -36,6 +36,11 @@ def coverage(items: Sequence[Item], nfe: int, latest: Mapping[tuple[int, str], d
             counts["missing"] += 1
     counts["complete"] = counts["scored"] == counts["expected"]
     counts["failures"] = failures[:MAX_LISTED_FAILURES]
+    reasons: dict[str, int] = {}
+    for f in failures:
+        text = f"{f['stage']} {f['status']}: {(f['error'].strip().splitlines() or ['no reason given'])[0][:160]}"
+        reasons[text] = reasons.get(text, 0) + 1
+    counts["reasons"] = reasons
     return counts
 
 

@@ -56,7 +56,7 @@ def resolve_pipeline_folder(checkpoint: str | Path) -> Path:
     if len(subs) == 1:
         return subs[0]
     if len(subs) > 1:
-        raise ValueError(f"--checkpoint {path} holds several pipeline folders ({', '.join(p.name for p in subs)}); "
+        raise NeedsConversion(f"--checkpoint {path} holds several pipeline folders ({', '.join(p.name for p in subs)}); "
                          "point at one of them")
     return convert_training_checkpoint(path, path / "export")
 

@@ -88,6 +88,10 @@ class WISEConfig:
     api_key_env: str = "OPENAI_API_KEY"  # the *name* of the env var holding the key
     api_extra_body: dict[str, Any] = field(default_factory=dict)
     local_model: str = "Qwen/Qwen2.5-VL-7B-Instruct"
+    local_reply: Literal["free", "constrained"] = "free"
+    """Local judge: free generation (parsed, retried, skipped when unparseable), or constrained:
+    the reply template is written for the model and it only picks each grade (its most likely
+    allowed digit), so every reply parses; for small open judges that drift off the format."""
     prompt_file: str = ""                # JSON {"system", "user"} with the official wording; "" = paraphrase
     max_attempts: int = 3
     max_workers: int = 8                 # concurrent judge calls per actor (API judge)
@@ -155,7 +159,6 @@ class EvalConfig:
     resume: bool = True                  # keep images and records already written
     retry_failed: bool = True            # on resume, score failed/skipped items again
     grid_prompts: int = 6                # columns of the per-benchmark image grid
-    build_tiny_models: bool = False      # tiny preset: build missing tiny model folders first
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     geneval: GenEvalConfig = field(default_factory=GenEvalConfig)
     dpg: DPGConfig = field(default_factory=DPGConfig)
@@ -188,13 +191,14 @@ TINY_DIR = "runs/tiny-evals"
 
 
 def tiny() -> EvalConfig:
-    """Everything tiny and on CPU; ``build_tiny_models`` makes the folders on first use."""
-    cfg = EvalConfig(checkpoint=f"{TINY_DIR}/qwen-image", benchmarks=["geneval", "wise"], nfe=[1, 2], limit=4,
-                     build_tiny_models=True)
-    cfg.geneval = GenEvalConfig(images_per_prompt=2, resolution=64, detector=f"{TINY_DIR}/models/mask2former",
-                                clip=f"{TINY_DIR}/models/clip", detector_short_edge=64, detector_long_edge=107)
-    cfg.dpg = DPGConfig(tile_resolution=32, vqa_model=f"{TINY_DIR}/models/blip", questions_blob="")
-    cfg.wise = WISEConfig(resolution=64, judge="local", local_model=f"{TINY_DIR}/models/qwen-vl", max_attempts=1)
+    """Everything tiny and on CPU: ``tiny`` / ``tiny:<kind>`` name random-weight models that are built
+    once into $TWINFLOW_CACHE (evals/tiny_models.py); results go to runs/tiny-evals/."""
+    cfg = EvalConfig(checkpoint="tiny", output_dir=TINY_DIR, benchmarks=["geneval", "wise"], nfe=[1, 2], limit=4)
+    cfg.geneval = GenEvalConfig(images_per_prompt=2, resolution=64, detector="tiny:mask2former", clip="tiny:clip",
+                                detector_short_edge=64, detector_long_edge=107)
+    cfg.dpg = DPGConfig(tile_resolution=32, vqa_model="tiny:blip", questions_blob="")
+    cfg.wise = WISEConfig(resolution=64, judge="local", local_model="tiny:qwen-vl", max_attempts=1,
+                          local_reply="constrained")
     cfg.generation = GenerationConfig(max_sequence_length=32)
     small = dict(num_actors=1, num_cpus=1.0, num_gpus=0.0, shard_size=4, batch_size=4)
     cfg.pool = PoolConfig(device="cpu", generate=StageConfig(**small), geneval=StageConfig(**small),

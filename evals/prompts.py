@@ -41,14 +41,27 @@ class Item:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA_ROOTS = ("shared/benchmarks", "../shared/benchmarks")
+"""Tried (from the working directory, then from the repository root) when data_root and
+$TWINFLOW_BENCHMARKS_DIR are unset: a checkout with the shared data beside or inside it."""
+
+
 def resolve_data_root(configured: str) -> Path:
-    """Configured path, else $TWINFLOW_BENCHMARKS_DIR, else ./shared/benchmarks; must exist."""
-    root = configured or os.environ.get(ENV_DATA_ROOT, "") or "shared/benchmarks"
-    p = Path(root).expanduser()
-    if not p.is_dir():
-        raise DataError(f"benchmarks folder {p} not found; set data_root (or ${ENV_DATA_ROOT}) to the folder "
-                        "holding geneval/, dpg_bench/ and wise/")
-    return p
+    """The benchmarks folder: data_root, else $TWINFLOW_BENCHMARKS_DIR, else the first of
+    DEFAULT_DATA_ROOTS that exists; a relative path is looked up from the working directory, then
+    from the repository root, so the same command works from any folder."""
+    given = configured or os.environ.get(ENV_DATA_ROOT, "")
+    names = [given] if given else list(DEFAULT_DATA_ROOTS)
+    tried = []
+    for name in names:
+        p = Path(name).expanduser()
+        for cand in [p] if p.is_absolute() else [p, REPO_ROOT / p]:
+            if cand.is_dir():
+                return cand.resolve()
+            tried.append(str(cand))
+    raise DataError(f"benchmarks folder not found (tried {', '.join(dict.fromkeys(tried))}); set data_root "
+                    f"(or ${ENV_DATA_ROOT}) to the folder holding geneval/, dpg_bench/ and wise/")
 
 
 def _need(path: Path, what: str) -> Path:

@@ -97,6 +97,11 @@ def markdown(benchmark: str, results: Mapping[str, Any]) -> str:
         lines.append("| " + " | ".join([f"*{ref['model']}*"] + [_fmt(ref["breakdown"].get(c), digits) for c in cols]
                                        + [_fmt(ref["overall"], digits), "published"]) + " |")
     lines.append("")
+    for err in results.get("stage_errors", []):
+        lines.append(f"**Stage error:** {err}  ")
+    for nfe, r in sorted(results["nfe"].items(), key=lambda kv: int(kv[0])):
+        for reason, n in sorted(r["coverage"].get("reasons", {}).items()):
+            lines.append(f"NFE {nfe}: {n} × {reason}  ")
     if footnote:
         lines.append("\\* incomplete run: category weights renormalised over the scored ids; the official overall "
                      "is only defined on all 1,000 prompts.")

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from twinflow.config import to_dict
+from twinflow.config import ConfigError, to_dict
 
 from evals import aggregate, layout
 from evals.checkpoints import NeedsConversion, WatchState, discover, resolve_pipeline_folder
@@ -78,8 +78,9 @@ class Plan:
 def ensure_ray(cfg: EvalConfig):
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=cfg.pool.ray_address or None, log_to_driver=False)
+    from twinflow.ray_env import connect
+
+    connect(log_to_driver=False, address=cfg.pool.ray_address or None)
     return ray
 
 
@@ -91,21 +92,32 @@ def resolve_device(cfg: EvalConfig) -> str:
     return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
 
 
-def build_tiny_models(cfg: EvalConfig, data_root: Path) -> None:
-    """For the tiny preset: create the random-weight folders the config points at, if missing."""
-    from evals.tiny_models import build_blip_vqa, build_clip, build_mask2former, build_qwen_vl
-    from twinflow.models.tiny_qwen import build_tiny_qwen_image
+def resolve_model_names(cfg: EvalConfig, data_root: Path) -> EvalConfig:
+    """The config with every ``tiny`` / ``tiny:<kind>`` model name replaced by its folder in the cache
+    (built on first use); a user's paths are never created."""
+    from evals.tiny_models import is_tiny_name, resolve_tiny_path
+    from twinflow.models.tiny_qwen import TINY_PRESETS, resolve_tiny_model
 
-    ckpt = Path(cfg.checkpoint)
-    if cfg.checkpoint and not ckpt.exists():
-        build_tiny_qwen_image(ckpt, "tiny")
-    if "geneval" in cfg.benchmarks:
-        build_mask2former(cfg.geneval.detector, geneval_object_names(data_root), "bench", overwrite=False)
-        build_clip(cfg.geneval.clip, overwrite=False)
-    if "dpg" in cfg.benchmarks and cfg.dpg.vqa == "blip":
-        build_blip_vqa(cfg.dpg.vqa_model, overwrite=False)
-    if "wise" in cfg.benchmarks and cfg.wise.judge == "local":
-        build_qwen_vl(cfg.wise.local_model, overwrite=False)
+    if not any(is_tiny_name(v) for v in (cfg.geneval.detector, cfg.geneval.clip, cfg.dpg.vqa_model,
+                                           cfg.wise.local_model)) and cfg.checkpoint not in TINY_PRESETS:
+        return cfg
+    names = geneval_object_names(data_root) if "geneval" in cfg.benchmarks else ()
+    return dataclasses.replace(
+        cfg, checkpoint=resolve_tiny_model(cfg.checkpoint) if cfg.checkpoint in TINY_PRESETS else cfg.checkpoint,
+        geneval=dataclasses.replace(cfg.geneval, detector=resolve_tiny_path(cfg.geneval.detector, names),
+                                    clip=resolve_tiny_path(cfg.geneval.clip)),
+        dpg=dataclasses.replace(cfg.dpg, vqa_model=resolve_tiny_path(cfg.dpg.vqa_model)),
+        wise=dataclasses.replace(cfg.wise, local_model=resolve_tiny_path(cfg.wise.local_model)))
+
+
+def check_checkpoint_files(ckpt: Path) -> None:
+    """Every safetensors / JSON file of the checkpoint (a final/ folder's LoRA, its pipeline, an export)
+    complete: a truncated one is a FileProblem naming it, before any generation."""
+    from twinflow.files import check_tree
+
+    if not ckpt.exists():
+        raise FileNotFoundError(f"--checkpoint {ckpt}: no such folder")
+    check_tree(ckpt, skip_dirs=("eval",))
 
 
 def plan_benchmark(name: str, cfg: EvalConfig, data_root: Path, out: Path) -> Plan:
@@ -140,7 +152,7 @@ def plan_benchmark(name: str, cfg: EvalConfig, data_root: Path, out: Path) -> Pl
     scorer = {"protocol": w.protocol, "judge": w.judge, "judge_model": judge_model,
               "official_judge": w.judge == "api" and judge_model == OFFICIAL_JUDGES[w.protocol],
               "prompt_source": judge_prompt(w.protocol, w.prompt_file).source, "rewrite": w.rewrite,
-              "max_attempts": w.max_attempts}
+              "max_attempts": w.max_attempts, **({"reply": w.local_reply} if w.judge == "local" else {})}
     return Plan(name, load_wise(data_root, w.protocol, w.rewrite, cfg.limit), 1, (w.resolution, w.resolution),
                 out / name, scorer, {"config": to_dict(w)})
 
@@ -163,8 +175,8 @@ def _check_settings(cfg: EvalConfig, plan: Plan, gen: dict) -> None:
         old = json.loads(path.read_text())
         if old.get("generation") != gen:
             diff = sorted(k for k in set(gen) | set(old.get("generation", {})) if gen.get(k) != old["generation"].get(k))
-            raise ValueError(f"{plan.out} holds images made with other generation settings ({', '.join(diff)}); "
-                             "use another output_dir or --set resume=false to start over")
+            raise ConfigError(f"output_dir: {plan.out} holds images made with other generation settings "
+                              f"({', '.join(diff)}); use another output_dir or --set resume=false to start over")
         if old.get("scorer") != plan.scorer:
             log.warning("%s: scorer settings changed; re-scoring from the kept images", plan.name)
             plan.records.reset()
@@ -326,10 +338,10 @@ def _grid_rows(cfg: EvalConfig, plan: Plan) -> list[tuple[str, list[Path]]]:
 def evaluate(cfg: EvalConfig, checkpoint: str | Path | None = None, hooks: Hooks | None = None) -> dict[str, dict]:
     """Evaluate one checkpoint on every configured benchmark and NFE; returns results per benchmark."""
     hooks = hooks or Hooks()
-    ckpt = Path(checkpoint or cfg.checkpoint)
     data_root = resolve_data_root(cfg.data_root)
-    if cfg.build_tiny_models:
-        build_tiny_models(cfg, data_root)
+    cfg = resolve_model_names(dataclasses.replace(cfg, checkpoint=str(checkpoint or cfg.checkpoint)), data_root)
+    ckpt = Path(cfg.checkpoint)
+    check_checkpoint_files(ckpt)
     folder = resolve_pipeline_folder(ckpt)
     out = Path(cfg.output_dir) if cfg.output_dir else ckpt / "eval"
     plans = [plan_benchmark(b, cfg, data_root, out) for b in cfg.benchmarks]

@@ -124,8 +124,8 @@ class WISEScorer:
     """API judge calls run ``max_workers`` at a time inside the actor; a local VLM runs one at a time."""
 
     def __init__(self, cfg: dict[str, Any], device: str = "cpu", num_threads: int = 0):
-        from evals.wise.judge import (DEFAULT_MAX_TOKENS, OFFICIAL_JUDGES, ChatCompletionsJudge, LocalVLMJudge,
-                                      judge_prompt)
+        from evals.wise.judge import (DEFAULT_MAX_TOKENS, OFFICIAL_JUDGES, REPLY_TEMPLATES, ChatCompletionsJudge,
+                                      LocalVLMJudge, judge_prompt)
 
         _set_threads(num_threads)
         self.protocol = cfg["protocol"]
@@ -143,7 +143,9 @@ class WISEScorer:
             self.workers = int(cfg.get("max_workers", 8))
             self.backoff = 1.0
         else:
-            self.judge = LocalVLMJudge(cfg["local_model"], device, max_new_tokens=min(max_tokens, 64))
+            template = REPLY_TEMPLATES[self.protocol] if cfg.get("local_reply") == "constrained" else None
+            self.judge = LocalVLMJudge(cfg["local_model"], device, max_new_tokens=min(max_tokens, 64),
+                                       reply_template=template)
             self.workers = 1
             self.backoff = 0.0
 

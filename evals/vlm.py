@@ -56,6 +56,25 @@ class QwenVL:
                                                                skip_special_tokens=True)]
 
     @torch.no_grad()
+    def fill(self, image: Image.Image, text: str, template: Sequence[tuple[str, Sequence[str]]],
+             system: str | None = DEFAULT_SYSTEM) -> str:
+        """A reply in a fixed format: for each (literal, choices) of ``template`` the literal is written
+        for the model and it picks the choice whose first token it finds most likely next (greedy,
+        one forward pass per choice slot). E.g. [("Score: ", ["0", "1"])] -> "Score: 1"."""
+        inputs = self._inputs([image], [text], system)
+        reply = ""
+        for literal, choices in template:
+            reply += literal
+            forced = self.tokenizer(reply, add_special_tokens=False, return_tensors="pt")["input_ids"].to(self.device)
+            ids = torch.cat([inputs["input_ids"], forced], dim=1)
+            mask = torch.cat([inputs["attention_mask"], torch.ones_like(forced)], dim=1)
+            step = {**inputs, "input_ids": ids, "attention_mask": mask}
+            logits = self.model(**step).logits[0, -1].float()
+            first = [self.tokenizer.encode(c, add_special_tokens=False)[0] for c in choices]
+            reply += choices[int(torch.argmax(logits[first]))]
+        return reply
+
+    @torch.no_grad()
     def yes_no(self, images: Sequence[Image.Image], questions: Sequence[str],
                suffix: str = " Please answer yes or no.") -> list[str]:
         """'yes' or 'no' per question: the larger next-token logit of the two words (BENCHMARKS.md §2.5c)."""

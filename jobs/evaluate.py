@@ -1,9 +1,9 @@
 """Score a checkpoint (or every new checkpoint of a training run) on GenEval, DPG-Bench and WISE.
 
-Tiny, on this laptop's CPUs (builds random-weight tiny models under runs/tiny-evals on first use;
-the numbers are meaningless, the plumbing is the real one):
+Tiny, on this laptop's CPUs (random-weight tiny models, built once into $TWINFLOW_CACHE; the numbers
+are meaningless, the plumbing is the real one; results under runs/tiny-evals/):
 
-    python jobs/evaluate.py --preset tiny --set data_root=/work/shared/benchmarks
+    python jobs/evaluate.py --preset tiny
 
 A real checkpoint on a GPU pool (eval nodes advertise the custom resource ``twinflow_eval``):
 
@@ -19,7 +19,10 @@ Follow a training run and score each checkpoint as it lands (writes <checkpoint>
 
 Outputs per benchmark: eval/<benchmark>/results.json, results.md (rows = NFE, columns = tags or
 categories + overall + coverage, with the published reference rows), grid.png, records.jsonl.
-Exit code: 0 when every expected item was scored, 3 when coverage is incomplete, 2 on config errors.
+Exit code: 0 when every expected item was scored; 3 when coverage is incomplete (a stage could not
+run, or items failed: each reason is printed and written to results.md); 2 on config errors and
+unusable inputs (a missing or truncated checkpoint file, a missing benchmark file), in one line;
+130 on Ctrl-C (re-running the same command resumes: scored items are kept).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from pathlib import Path
 sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "platform"), str(Path(__file__).resolve().parents[1])]
 
 from twinflow.config import ConfigError, dump_yaml  # noqa: E402
-from twinflow.config.cli import add_config_args, resolve_config  # noqa: E402
+from twinflow.config.cli import add_config_args, fail, interrupted, resolve_config  # noqa: E402
 
 from evals.config import PRESETS, EvalConfig  # noqa: E402
 
@@ -51,7 +54,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     if args.checkpoint:
         short += [f"checkpoint={args.checkpoint}", "watch_dir="]
     if args.watch:
-        short += [f"watch_dir={args.watch}", "checkpoint="]
+        short += [f"watch_dir={args.watch}", "checkpoint=", "output_dir="]
     if args.benchmarks:
         short.append(f"benchmarks=[{args.benchmarks}]")
     if args.nfe:
@@ -69,7 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         print(dump_yaml(cfg))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from evals.checkpoints import NeedsConversion
+    from evals.prompts import DataError
     from evals.runner import evaluate, watch
+    from twinflow.export.sources import ExportError
+    from twinflow.files import FileProblem
 
     try:
         if cfg.watch_dir:
@@ -77,9 +84,15 @@ def main(argv: list[str] | None = None) -> int:
             print({k: v for k, v in done.items()})
             return 0
         results = evaluate(cfg)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:  # bad paths/data/settings: one line, no trace
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (ConfigError, FileProblem, DataError, NeedsConversion, ExportError, FileNotFoundError) as exc:
+        return fail(exc)  # bad paths / files / settings: one line, no trace
+    except KeyboardInterrupt:
+        return interrupted("the same command (scored items are kept)")
+    return report(results)
+
+
+def report(results: dict) -> int:
+    """One line per benchmark and NFE, then every reason for incompleteness; the exit code."""
     complete = True
     for name, res in results.items():
         for nfe, r in res["nfe"].items():
@@ -87,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{res['label']} | NFE {nfe}: overall {r['overall']} | scored {cov['scored']}/{cov['expected']} "
                   f"(failed {cov['failed']}, skipped {cov['skipped']}, missing {cov['missing']})")
             complete &= cov["complete"]
+            for reason, n in sorted(cov.get("reasons", {}).items()):
+                print(f"  {name} NFE {nfe}: {n} × {reason}", file=sys.stderr)
+        for err in res["stage_errors"]:
+            print(f"error: {name}: {err}", file=sys.stderr)
         complete &= not res["stage_errors"]
     return 0 if complete else 3
 

@@ -18,10 +18,10 @@ On a cluster (the run's storage must be a path the job's node sees, e.g. a share
 
 Then::
 
-    pipe = TwinFlowQwenImagePipeline.from_pretrained("<out>/pipeline", torch_dtype=torch.bfloat16)
+    pipe = TwinFlowQwenImagePipeline.from_pretrained("<out>/pipeline", dtype=torch.bfloat16)
     image = pipe("a red cat", num_inference_steps=2).images[0]
     # or the LoRA on the base model (diffusers' loader + E2 + the run's sampler presets):
-    pipe = TwinFlowQwenImagePipeline.from_pretrained("Qwen/Qwen-Image", torch_dtype=torch.bfloat16)
+    pipe = TwinFlowQwenImagePipeline.from_pretrained("Qwen/Qwen-Image", dtype=torch.bfloat16)
     twinflow.export.lora_files.load_twinflow_lora(pipe, "<out>/lora")
 
 Options are ExportConfig fields (twinflow/export/config.py); the flags are shortcuts for --set:
@@ -41,7 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # run from a checkout
 
 from twinflow.config import dump_yaml  # noqa: E402
-from twinflow.config.cli import add_config_args, resolve_config  # noqa: E402
+from twinflow.config.cli import add_config_args, fail, interrupted, resolve_config  # noqa: E402
 from twinflow.config.errors import ConfigError  # noqa: E402
 from twinflow.export.config import PRESETS, ExportConfig  # noqa: E402
 
@@ -83,8 +83,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         result = export(cfg)
     except (ConfigError, ExportError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc)
+    except KeyboardInterrupt:
+        return interrupted("the same command (nothing half-written is kept)")
     print(json.dumps(result))
     return 0
 

@@ -7,9 +7,9 @@ forward passes per step. ``--compare`` adds what-ifs: an EMA teacher, and DMD-st
 extra copies (the paper's memory argument). ``--calibrate`` runs a small configuration on this
 CPU and prints measured vs planned peak memory. The last line printed with ``--json`` is JSON.
 
-    python jobs/plan.py --preset qwen_image_lora_512
-    python jobs/plan.py --preset qwen_image_full_zero3_1024 --set num_gpus=16 --set offload_optimizer=true
-    python jobs/plan.py --preset qwen_image_full_zero3_1024 --set num_gpus=1 --set zero_stage=0 --set grad_accum=3 --compare
+    python jobs/plan.py --preset qwen-image-lora-512
+    python jobs/plan.py --preset qwen-image-full-zero3-1024 --set num_gpus=16 --set offload_optimizer=true
+    python jobs/plan.py --preset qwen-image-full-zero3-1024 --set num_gpus=1 --set zero_stage=0 --set grad_accum=3 --compare
     python jobs/plan.py --preset tiny --calibrate --json          # tiny CPU check (~1 min)
 
 Fields for --set: model.mode (lora|full), model.lora.rank, model.dtype, model.gradient_checkpointing,
@@ -19,7 +19,7 @@ text_encoder_resident, vae_resident, method (twinflow|dmd), gpu (h100|h200|a100-
 gpu_memory_gib, margin, buffers.reduce_bucket_size, …
 
 On a cluster it needs nothing from one; ``ray job submit --working-dir . -- python jobs/plan.py
---preset qwen_image_lora_512`` works too (it runs on the head node's CPU).
+--preset qwen-image-lora-512`` works too (it runs on the head node's CPU).
 """
 
 from __future__ import annotations
@@ -28,17 +28,20 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 
-from twinflow.config.cli import add_config_args, exit_config_error
-from twinflow.config.errors import ConfigError
-from twinflow.config.tree import deep_merge, dump_yaml, from_dict, parse_override, read_yaml, set_dotted, to_dict
-from twinflow.plan import GIB, PlanInputs, plan_memory
-from twinflow.plan.presets import PLAN_PRESETS
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # run from a checkout
+
+from twinflow.config.cli import add_config_args, exit_config_error  # noqa: E402
+from twinflow.config.errors import ConfigError  # noqa: E402
+from twinflow.config.tree import deep_merge, dump_yaml, from_dict, parse_override, read_yaml, set_dotted, to_dict  # noqa: E402,E501
+from twinflow.plan import GIB, PlanInputs, plan_memory  # noqa: E402
+from twinflow.plan.presets import PLAN_PRESETS  # noqa: E402
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_config_args(p, PLAN_PRESETS, default_preset="qwen_image_lora_512")
+    add_config_args(p, PLAN_PRESETS, default_preset="qwen-image-lora-512")
     p.add_argument("--compare", action="store_true", help="also plan an EMA teacher and DMD-style copies")
     p.add_argument("--calibrate", action="store_true", help="run the configuration on this CPU (small models "
                                                             "only) and print measured vs planned peak memory")

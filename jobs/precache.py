@@ -17,7 +17,9 @@ On a cluster (S3 endpoint/keys from AWS_* variables; encode actors take one GPU 
         --set encode.model_path=/models/Qwen-Image --set encode.concurrency=8
 
 Add ``--dry-run`` to print the resolved config and the plan (shards found / already cached) without
-starting Ray.
+starting Ray. Config errors and unusable inputs (an unreadable source, a shard over
+data.bad_share_limit, a truncated model file) are one line on stderr, exit code 2; Ctrl-C says how
+to resume (exit code 130). Ray: a fresh local instance, RAY_ADDRESS when set, or ``--address``.
 """
 
 from __future__ import annotations
@@ -25,16 +27,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
-from twinflow.config import dump_yaml
-from twinflow.config.cli import add_config_args, exit_config_error, resolve_config
-from twinflow.config.errors import ConfigError
-from twinflow.data.config import DatasetConfig
-from twinflow.data.fs import DataSourceError
-from twinflow.data.config import EncodeConfig, PrecacheConfig
-from twinflow.data.precache import plan_precache, run_precache
-from twinflow.data.sources import BadDataError
-from twinflow.ray_resources import DATA
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # run from a checkout
+
+from twinflow.config import dump_yaml  # noqa: E402
+from twinflow.config.cli import add_config_args, exit_config_error, fail, interrupted, resolve_config  # noqa: E402
+from twinflow.config.errors import ConfigError  # noqa: E402
+from twinflow.data.config import DatasetConfig, EncodeConfig, PrecacheConfig  # noqa: E402
+from twinflow.data.fs import DataSourceError  # noqa: E402
+from twinflow.data.precache import plan_precache, run_precache  # noqa: E402
+from twinflow.data.sources import BadDataError  # noqa: E402
+from twinflow.files import FileProblem  # noqa: E402
+from twinflow.ray_resources import DATA  # noqa: E402
 
 
 def default() -> PrecacheConfig:
@@ -67,21 +72,23 @@ def main(argv: list[str] | None = None) -> int:
         print(dump_yaml(cfg))
         try:
             print(json.dumps({"plan": plan_precache(cfg)}))
-        except (DataSourceError, ConfigError) as exc:
-            print(json.dumps({"plan": None, "error": str(exc)}))
+        except ConfigError as exc:
+            exit_config_error(exc)
+        except (DataSourceError, FileProblem) as exc:
+            return fail(exc)
         return 0
 
-    import ray
+    from twinflow.ray_env import connect
 
-    if not ray.is_initialized():
-        ray.init()  # inside `ray job submit` this connects to the cluster
     try:
+        connect()
         result = run_precache(cfg)
     except ConfigError as exc:
         exit_config_error(exc)
-    except (BadDataError, DataSourceError) as exc:
-        print(f"precache stopped: {exc}", file=sys.stderr)
-        return 1
+    except (BadDataError, DataSourceError, FileProblem) as exc:
+        return fail(exc)
+    except KeyboardInterrupt:
+        return interrupted("the same command (finished shards are kept)")
     print(json.dumps(result.summary()))
     return 0
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # run from a checkout
 
-from twinflow.config.cli import add_config_args, exit_config_error  # noqa: E402
+from twinflow.config.cli import add_config_args, exit_config_error, interrupted, use_address  # noqa: E402
 from twinflow.config.errors import ConfigError  # noqa: E402
 from twinflow.config.tree import build, dump_yaml  # noqa: E402
 from twinflow.study.config import DATASETS, PAPER_LAMBDAS, PRESETS  # noqa: E402
@@ -77,6 +77,7 @@ def shorthand_overrides(args: argparse.Namespace) -> list[str]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    use_address(args)
     preset = "quick" if args.quick else args.preset
     try:
         cfg = build(PRESETS[preset]().__class__, PRESETS[preset](), args.config,
@@ -89,7 +90,10 @@ def main(argv=None) -> None:
 
     from twinflow.study.runner import run_study
 
-    run_study(cfg)
+    try:
+        run_study(cfg)
+    except KeyboardInterrupt:
+        sys.exit(interrupted("the same command"))
     print(f"results: {Path(cfg.out) / 'results.json'}")
 
 

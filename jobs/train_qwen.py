@@ -20,8 +20,11 @@ MLFLOW_TRACKING_URI)::
 Re-submitting the same run.name resumes from its last checkpoint. ``--dry-run`` prints the resolved
 config, the rows of every TwinFlow block on each rank and accumulation step, the realised λ, the
 per-GPU memory plan (table + fits on H100 / H200, twinflow.plan) and the DeepSpeed config, then
-exits; it needs no weights, data or Ray. Config errors are one line on
-stderr (exit code 2) before Ray starts; a run stopped by non-finite losses exits with code 3.
+exits; it needs no weights, data or Ray. Config errors and unusable inputs (a data shard over
+data.bad_share_limit, a truncated or unsafe file) are one line on stderr (exit code 2); a run stopped
+by non-finite losses exits with code 3; Ctrl-C says how to resume (exit code 130). The last stdout
+line is the run summary as JSON (step, stop reason, data seen / skipped per reason, final folder).
+Ray: a fresh local instance, RAY_ADDRESS when set (``ray job submit`` sets it), or ``--address``.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # run from a checkout
 
 from twinflow.config import dump_yaml  # noqa: E402
-from twinflow.config.cli import add_config_args, exit_config_error, resolve_config  # noqa: E402
+from twinflow.config.cli import add_config_args, exit_config_error, fail, interrupted, resolve_config  # noqa: E402
 from twinflow.config.errors import ConfigError  # noqa: E402
 from twinflow.train.config import TrainConfig  # noqa: E402
 from twinflow.train.presets import PRESETS  # noqa: E402
@@ -56,15 +59,19 @@ def main(argv: list[str] | None = None) -> int:
                          indent=2))
         return 0
 
-    from twinflow.train.trainer import NonFiniteLossError, run_training
+    from twinflow.files import FileProblem
+    from twinflow.train.trainer import NonFiniteLossError, RunInputError, run_training
 
     try:
         outcome = run_training(cfg)
     except ConfigError as exc:
         exit_config_error(exc)
+    except (RunInputError, FileProblem) as exc:
+        return fail(exc)
     except NonFiniteLossError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 3
+        return fail(exc, 3)
+    except KeyboardInterrupt:
+        return interrupted(f"the same command (run {cfg.run.name} in {cfg.run.storage_path})")
     print(json.dumps({"run": outcome.run_uri, "seconds": round(outcome.seconds, 1), **outcome.summary}, default=str))
     return 0
 

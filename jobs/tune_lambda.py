@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # run from a checkout
 
-from twinflow.config.cli import add_config_args, exit_config_error  # noqa: E402
+from twinflow.config.cli import add_config_args, exit_config_error, interrupted, use_address  # noqa: E402
 from twinflow.config.errors import ConfigError  # noqa: E402
 from twinflow.config.tree import dump_yaml  # noqa: E402
 from twinflow.tune.config import PRESETS, build_sweep  # noqa: E402
@@ -50,6 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    use_address(args)
     try:
         cfg = build_sweep(PRESETS[args.preset](), args.config, args.overrides, args.search)
         if args.dry_run:
@@ -70,6 +71,8 @@ def main(argv=None) -> int:
         outcome = run_sweep(cfg)
     except ConfigError as exc:
         exit_config_error(exc)
+    except KeyboardInterrupt:
+        return interrupted("the same command (finished trials are kept; Tuner.restore continues the rest)")
     print(json.dumps({"trials": len(outcome.rows), "restored": outcome.restored,
                       "max_concurrent_trials": outcome.max_concurrent_trials, "seconds": round(outcome.seconds, 1),
                       "winner": outcome.winner, "files": outcome.files}, default=str))

@@ -198,8 +198,8 @@ def test_job_stops_on_a_bad_shard_and_names_it(tmp_path, tiny_model, ray_local, 
                      "--set", f"encode.model_path={tiny_model}", "--set", "data.resolution=32",
                      "--set", "data.bad_share_limit=0.2"])
     err = capsys.readouterr().err
-    assert code == 1
-    assert "precache stopped: shard " in err and "shard-00001.parquet: 4 of 12 samples unusable" in err
+    assert code == 2  # an input error, like every job's (the training job prints the same line)
+    assert "error: shard " in err and "shard-00001.parquet: 4 of 12 samples unusable" in err
     assert "no_caption=2, undecodable=2" in err and "data.bad_share_limit=0.2" in err
     assert not (out / "manifest.json").exists() and not (out / "_shards" / "shard-00001.json").exists()
 

@@ -72,7 +72,8 @@ def test_end_to_end_numbers_layout_and_reports(first_run, env):
     for nfe in ("1", "2"):
         r = ge["nfe"][nfe]
         assert r["coverage"] | {"failures": []} == {"expected": 6, "generated": 6, "scored": 6, "skipped": 0,
-                                                     "failed": 0, "missing": 0, "complete": True, "failures": []}
+                                                     "failed": 0, "missing": 0, "complete": True, "failures": [],
+                                                     "reasons": {}}
         assert r["images"] == {"expected": 12, "scored": 12}
         # The tiny detector only ever sees benches: "a photo of a bench" passes, the cow, the dog and
         # the cat prompts cannot.

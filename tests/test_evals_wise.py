@@ -175,7 +175,8 @@ def test_wise_stage_end_to_end_with_coverage(server, key, ray_local, tmp_path):
     res = evaluate(cfg)["wise"]
     r = res["nfe"]["1"]
     assert r["coverage"] | {"failures": []} == {"expected": 6, "generated": 6, "scored": 5, "skipped": 1, "failed": 0,
-                                                 "missing": 0, "complete": False, "failures": []}
+                                                 "missing": 0, "complete": False, "failures": [],
+                                                 "reasons": {"score skipped: unparseable reply": 1}}
     assert r["coverage"]["failures"][0]["key"] == "568" and "unparseable" in r["coverage"]["failures"][0]["error"]
     # CULTURE = mean(1.0, 0.2), TIME = 0.5, SPACE skipped (absent, not 0), BIOLOGY = 0.7, CHEMISTRY = 0
     assert r["breakdown"] == pytest.approx({"CULTURE": 0.6, "TIME": 0.5, "BIOLOGY": 0.7, "CHEMISTRY": 0.0})
@@ -186,6 +187,7 @@ def test_wise_stage_end_to_end_with_coverage(server, key, ray_local, tmp_path):
     assert "open judge, not comparable" in res["label"] and "paraphrased judge prompt" in res["label"]
     md = (tmp_path / "eval" / "wise" / "results.md").read_text()
     assert "| 1 | 0.60 | 0.50 | – | 0.70 | – | 0.00 |" in md and "1 skipped" in md
+    assert "NFE 1: 1 × score skipped: unparseable reply" in md  # why it is incomplete, not only that it is
     assert (tmp_path / "eval" / "wise" / "nfe1" / "images" / "701.png").is_file()
     # A rerun re-asks the judge for the skipped image only (official: parse failures are re-run).
     server.script[prompts[568]] = ["Consistency: 1\nRealism: 1\nAesthetic Quality: 1"]

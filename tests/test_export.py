@@ -251,7 +251,7 @@ def test_bad_inputs_give_one_clear_error(lora_run, zero3_run, tmp_path):
     (junk / "step_1").mkdir(parents=True)
     (junk / "latest").write_text("step_1")
     assert "is not a TwinFlow training checkpoint" in error(source=str(junk))
-    assert "DeepSpeed shards but no twinflow/shared.pt" in error(source=str(junk))
+    assert "DeepSpeed shards but no twinflow/shared.json" in error(source=str(junk))
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(lora / CKPT, ckpt)
@@ -278,7 +278,7 @@ def test_bad_inputs_give_one_clear_error(lora_run, zero3_run, tmp_path):
 def test_deepspeed_loads_are_weights_only(tmp_path):
     """The consolidation runs DeepSpeed's torch.load(weights_only=False) calls; inside the wrapper a
     pickle that would construct an arbitrary object is refused."""
-    from twinflow.export.sources import weights_only_loads
+    from twinflow.files import weights_only_loads
 
     path = tmp_path / "evil.pt"
     torch.save({"x": torch.ones(1), "obj": Path("anything")}, path)

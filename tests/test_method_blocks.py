@@ -41,8 +41,16 @@ def test_too_small_global_batch_is_a_clear_config_error():
     with pytest.raises(ConfigError) as err:
         block_counts(weights_from_lambda(1 / 3), 5)
     msg = str(err.value)
-    assert "global batch 5" in msg and "one_step, fake would get none" in msg and "at least 6" in msg
+    # At 5 rows the rounding gives every block a row but not the mix: the message says exactly that.
+    assert "global batch 5" in msg and "round to 1/2/1/1" in msg and "at least 6" in msg
+    with pytest.raises(ConfigError) as err:
+        block_counts(weights_from_lambda(1 / 3), 2)
+    # At 2 rows near_diag and any_step do get one row each; only one_step and fake get none.
+    assert "(one_step, fake would get no row)" in str(err.value)
     assert min_global_batch(weights_from_lambda(1 / 3)) == 6
+    # λ typed as 0.3333 gives one-step and fake shares of 0.9999 rows at 6: that is one row, not a 7th row.
+    assert min_global_batch(weights_from_lambda(0.3333)) == 6
+    assert block_counts(weights_from_lambda(0.3333), 6) == [1, 2, 2, 1]
     assert min_global_batch(weights_from_lambda(0.1)) == 20
     assert min_global_batch(BlockWeights(1, 1, 1, 1)) == 4  # the reference's ">= 4 per GPU"
     assert min_global_batch(BlockWeights(0, 1, 0, 0)) == 1

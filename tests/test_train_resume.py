@@ -49,8 +49,14 @@ def test_reference_run_on_s3_checkpoints_logs_samples_and_exports(ray_local, tin
         names = {i.path[len(ckpt) + 1:] for i in fs.get_file_info(pafs.FileSelector(ckpt, recursive=True))}
         for rank in (0, 1):
             assert f"step_{step:08d}/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" in names
-            assert f"twinflow/rank_{rank:05d}.pt" in names and f"twinflow/complete_rank_{rank:05d}" in names
-        assert {"latest", "twinflow/shared.pt", f"samples/step_{step:08d}.png"} <= names
+            assert f"twinflow/rank_{rank:05d}.json" in names and f"twinflow/complete_rank_{rank:05d}" in names
+            assert f"twinflow/rank_{rank:05d}.safetensors" in names
+        assert {"latest", "twinflow/shared.json", "twinflow/teacher.safetensors", f"samples/step_{step:08d}.png"} <= names
+        assert not any(n.startswith("twinflow/") and n.endswith(".pt") for n in names)  # no pickles of ours
+
+    # The planted truncated image is skipped and counted: in the summary (the job's last JSON line) and
+    # in the metrics of the checkpoint steps.
+    assert s["data"] == {"shards": 2, "seen": 49, "ok": 48, "skipped": {"undecodable": 1}}
 
     # The metrics log: each step once, finite, LR warming up (optim.warmup_steps = 10).
     rows = [json.loads(line) for line in read_s3_text(s3_server, f"{run}/final/metrics.jsonl").splitlines()]
@@ -60,6 +66,7 @@ def test_reference_run_on_s3_checkpoints_logs_samples_and_exports(ray_local, tin
         assert r["images_per_s"] > 0 and r["data_wait_s"] >= 0 and r["peak_mem_gb"] > 0
     lrs = [r["lr"] for r in rows]
     assert lrs == sorted(lrs) and lrs[0] == pytest.approx(1e-3 / 11)
+    assert rows[-1]["data/seen"] == 49 and rows[-1]["data/skipped/undecodable"] == 1
 
     # TensorBoard events copied to S3 and readable.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -148,3 +155,39 @@ def test_stopped_run_resumes_on_resubmission_with_identical_trajectory(ray_local
     for step in range(1, 7):
         for key in LOSS_KEYS:
             assert got[step][key] == pytest.approx(want[step][key], rel=1e-6, abs=1e-9), (step, key)
+
+
+class _RunsCode:
+    """Unpickling this creates a folder: proof, if it ever appears, that a loader executed the file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.mkdir, (self.marker,))
+
+
+def test_resume_refuses_crafted_deepspeed_pickles_without_running_them(ray_local, tiny_qwen_image, tmp_path_factory,
+                                                                        s3_server, bucket, tmp_path):
+    """A copy of the reference run whose last checkpoint's DeepSpeed files were replaced by pickles that
+    would run code: re-submitting it ends with one line naming the checkpoint, nothing runs, and Ray
+    Train does not retry (max_failures 0: a raising worker would be TrainingFailedError instead)."""
+    from twinflow.train.trainer import RunInputError, run_training
+
+    cfg, ref, _ = reference_run(tiny_qwen_image, tmp_path_factory.getbasetemp(), s3_server, bucket)
+    runs = tmp_path / "runs"
+    _download(s3_server, ref.run_uri, runs / "crafted")
+    step_dir = runs / "crafted" / "checkpoint_step_00000006" / "step_00000006"
+    marker = tmp_path / "code-ran"
+    for f in sorted(step_dir.glob("*.pt")):
+        torch.save({"module": _RunsCode(marker), "optimizer_state_dict": _RunsCode(marker)}, f)
+    again = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name="crafted", storage_path=str(runs),
+                                                             max_steps=8, max_failures=0),
+                                logging=dataclasses.replace(cfg.logging, mlflow="off"))
+    with pytest.raises(RunInputError) as info:
+        run_training(again)
+    msg = str(info.value)
+    assert "\n" not in msg and "checkpoint_step_00000006" in msg and "refused" in msg and "GLOBAL posix.mkdir" in msg
+    assert not marker.exists()

@@ -76,7 +76,7 @@ def test_nan_losses_are_skipped_on_every_rank_and_a_streak_stops_the_run(ray_loc
     run = tmp_path / "runs" / "nan"
     checkpoints = sorted(p.name for p in run.glob("checkpoint_step_*"))
     assert checkpoints == ["checkpoint_step_00000003"]  # nothing saved after the streak began
-    shared = torch.load(run / checkpoints[0] / "twinflow" / "shared.pt", map_location="cpu", weights_only=False)
+    shared = json.loads((run / checkpoints[0] / "twinflow" / "shared.json").read_text())
     rows = {r["step"]: r for r in shared["state"]["history"]}
     assert sorted(rows) == [1, 2, 3] and shared["state"]["skipped_steps"] == 1
     assert rows[2]["step_skipped"] == 1 and rows[2]["loss/total"] is None  # NaN, logged as missing
@@ -85,3 +85,22 @@ def test_nan_losses_are_skipped_on_every_rank_and_a_streak_stops_the_run(ray_loc
     assert rows[3]["lr"] == rows[2]["lr"] > rows[1]["lr"]
     assert rows[3]["loss/total"] is not None and rows[3]["grad_norm"] > 0
 
+
+
+def test_a_shard_over_the_bad_share_limit_stops_the_run_in_one_line_without_retries(ray_local, tiny_qwen_image,
+                                                                                      tmp_path):
+    """Bad data is deterministic: the ranks agree on it and return, the driver raises RunInputError
+    with the data layer's own message (the same text pre-caching prints). With max_failures 0 a worker
+    that raised would surface as Ray's TrainingFailedError instead; with retries it would repeat."""
+    from twinflow.data.digits import write_digits_dataset
+    from twinflow.train.trainer import RunInputError, run_training
+
+    data = tmp_path / "bad-digits"
+    write_digits_dataset(str(data), "parquet", n=48, shards=2, size=64, bad={"undecodable": 6}, bad_shard=1)
+    cfg = tiny_config(tiny_qwen_image, str(data), str(tmp_path / "runs"), "bad", sample={"enabled": False},
+                      run={"max_steps": 20, "max_failures": 0})
+    with pytest.raises(RunInputError) as info:
+        run_training(cfg)
+    assert str(info.value) == ("shard " + str(data / "shard-00001.parquet") + ": 6 of 30 samples unusable (20.0%: "
+                               "undecodable=6) exceeds data.bad_share_limit=0.05; fix or remove the shard, or raise "
+                               "data.bad_share_limit")

@@ -16,6 +16,7 @@ from twinflow.train.config import RunSettings, SampleSettings, TrainConfig
 from twinflow.train.presets import tiny
 
 DIGITS_ROWS = 48  # 24 rows per rank: 12 micro-batches of 2 = 6 optimizer steps per epoch
+DIGITS_BAD = {"undecodable": 1}  # one truncated image in shard 0 (1 of 25, under data.bad_share_limit 0.05)
 LOSS_KEYS = ("loss/total", "loss/one_step", "loss/near_diag", "loss/any_step", "loss/fake", "loss/rectify",
              "dv_norm", "lr", "grad_norm")
 
@@ -23,12 +24,13 @@ _CACHE: dict = {}
 
 
 def digits_dir(root: Path) -> str:
-    """A parquet digits dataset (64 px, captions), written once per session."""
+    """A parquet digits dataset (64 px, captions, DIGITS_BAD planted: skipped and counted), written once
+    per session."""
     if "digits" not in _CACHE:
         from twinflow.data.digits import write_digits_dataset
 
         path = root / "digits"
-        write_digits_dataset(str(path), "parquet", n=DIGITS_ROWS, shards=2, size=64)
+        write_digits_dataset(str(path), "parquet", n=DIGITS_ROWS, shards=2, size=64, bad=DIGITS_BAD)
         _CACHE["digits"] = str(path)
     return _CACHE["digits"]
 

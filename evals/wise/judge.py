@@ -138,17 +138,31 @@ class ChatCompletionsJudge:
         return content or ""
 
 
-class LocalVLMJudge:
-    """A local Qwen2.5-VL-style model through transformers, greedy decoding (``evals.vlm``)."""
+# The reply formats of the two protocols as (literal, allowed grades) slots: what a constrained local
+# judge writes (LocalVLMJudge(reply_template=...)); parse_legacy / parse_verified read exactly these.
+REPLY_TEMPLATES = {
+    "legacy": [("Consistency: ", ["0", "1", "2"]), ("\nRealism: ", ["0", "1", "2"]),
+               ("\nAesthetic Quality: ", ["0", "1", "2"])],
+    "verified": [("Score: ", ["0", "1"])],
+}
 
-    def __init__(self, model_id: str, device: str = "cpu", max_new_tokens: int = 64, dtype: str = "auto"):
+
+class LocalVLMJudge:
+    """A local Qwen2.5-VL-style model through transformers (``evals.vlm``): greedy free generation, or,
+    with ``reply_template``, a reply in the protocol's format whose grades the model picks."""
+
+    def __init__(self, model_id: str, device: str = "cpu", max_new_tokens: int = 64, dtype: str = "auto",
+                 reply_template: list | None = None):
         from evals.vlm import QwenVL
 
         self.vlm = QwenVL(model_id, device=device, dtype=dtype)
         self.model = model_id
         self.max_new_tokens = max_new_tokens
+        self.reply_template = reply_template
 
     def ask(self, image: Image.Image, system: str, user: str) -> str:
+        if self.reply_template:
+            return self.vlm.fill(image, user, self.reply_template, system=system)
         return self.vlm.chat([image], [user], system=system, max_new_tokens=self.max_new_tokens)[0]
 
 

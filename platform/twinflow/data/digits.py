@@ -115,8 +115,6 @@ def write_digits_dataset(uri: str, fmt: str = "parquet", *, n: int = 64, shards:
     file names sort by shard, so ``files_per_shard`` = rows per shard reproduces the split).
     """
     bad = dict(bad or {})
-    if fmt == "folder" and NO_IMAGE in bad:
-        raise ValueError("a folder cannot hold a caption without an image as a sample")
     fs, root = filesystem_for(uri, filesystem)
     fs.create_dir(root, recursive=True)
     info = DigitsDataset(uri=uri, format=fmt)
@@ -150,7 +148,8 @@ def write_digits_dataset(uri: str, fmt: str = "parquet", *, n: int = 64, shards:
         elif fmt == "folder":
             for i, (image, text) in enumerate(samples):
                 key = f"{name}-{i:06d}"
-                write_bytes_atomic(fs, join(root, f"{key}.{ext}"), image)
+                if image is not None:  # no_image: an orphan caption file
+                    write_bytes_atomic(fs, join(root, f"{key}.{ext}"), image)
                 if text is not None:
                     write_bytes_atomic(fs, join(root, f"{key}.txt"), text.encode())
         else:

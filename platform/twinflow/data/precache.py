@@ -37,6 +37,7 @@ from twinflow.data.ingest import (find_bad_data_error, new_ledger, read_image_te
                                   warn_missing_resources)
 from twinflow.data.sources import BadDataError, Shard, detect_format, list_shards
 from twinflow.data.transforms import to_model_pixels
+from twinflow.files import check_model_folder
 
 
 def settings_of(cfg: PrecacheConfig) -> dict:
@@ -224,6 +225,7 @@ def run_precache(cfg: PrecacheConfig, *, filesystem_in=None, filesystem_out=None
     settings["model_path"] = model_path
     fp = fingerprint(settings)
     model_info = vae_info(model_path)  # fails fast on a wrong model path, before any encoding
+    check_model_folder(model_path)  # and on a truncated weight file
     _claim_output(fs_out, root, settings, fp, cfg.overwrite)
 
     markers = _read_markers(fs_out, root)

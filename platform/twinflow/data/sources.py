@@ -6,7 +6,8 @@ Three layouts, local or on S3 (any pyarrow filesystem):
   webdataset  one shard per ``*.tar``; members grouped by key (the file name up to its first dot
               in the member's basename: ``0001.jpg`` + ``0001.txt``), caption from ``.txt`` or ``.json``
   folder      images with same-stem caption files beside them (``cat.png`` + ``cat.txt``); a shard is
-              a run of ``files_per_shard`` images of the sorted listing
+              a run of ``files_per_shard`` samples of the sorted listing (a caption file without an
+              image is a sample that reads as no_image, so it is counted, not lost)
 
 A shard is the unit of parallelism, of bad-data accounting and of precache resume. Its
 ``fingerprint`` (paths, sizes, mtimes) tells a resumed job whether it changed.
@@ -113,20 +114,21 @@ def _folder_shards(cfg: DatasetConfig, fs, base: str, files: list[pafs.FileInfo]
         by_stem.setdefault(stem, {})[ext[1:].lower()] = i
     images = []
     for stem, group in sorted(by_stem.items()):
-        for ext, info in group.items():
-            if ext in image_exts:
-                caption = next((group[c] for c in caption_exts if c in group), None)
-                images.append((info, caption))
-                break
+        caption = next((group[c] for c in caption_exts if c in group), None)
+        image = next((info for ext, info in group.items() if ext in image_exts), None)
+        if image is not None or caption is not None:
+            # A caption without an image is a sample too: read as no_image and counted, never dropped.
+            images.append((image, caption))
     shards = []
     n = cfg.files_per_shard
     for start in range(0, len(images), n):
         chunk = images[start:start + n]
-        sizes = sum((i.size or 0) + ((c.size or 0) if c else 0) for i, c in chunk)
-        mtime = max(max(i.mtime_ns or 0, (c.mtime_ns or 0) if c else 0) for i, c in chunk)
+        sizes = sum(((i.size or 0) if i else 0) + ((c.size or 0) if c else 0) for i, c in chunk)
+        mtime = max(max((i.mtime_ns or 0) if i else 0, (c.mtime_ns or 0) if c else 0) for i, c in chunk)
+        first = chunk[0][0] or chunk[0][1]
         shards.append(Shard(id=f"folder-{start // n:06d}", format="folder",
-                            uri=f"{describe(fs, base)} [{posixpath.relpath(chunk[0][0].path, base)} ...]",
-                            paths=tuple(i.path for i, _ in chunk),
+                            uri=f"{describe(fs, base)} [{posixpath.relpath(first.path, base)} ...]",
+                            paths=tuple(i.path if i else "" for i, _ in chunk),
                             captions=tuple(c.path if c else "" for _, c in chunk),
                             size=sizes, mtime_ns=mtime))
     return shards
@@ -243,9 +245,11 @@ def _caption_from(ext: str, data: bytes, cfg: DatasetConfig):
 
 def _folder_samples(shard: Shard, cfg: DatasetConfig, fs) -> Iterator[tuple[str, bytes | None, object]]:
     for image_path, caption_path in zip(shard.paths, shard.captions):
-        key = f"{shard.id}/{posixpath.basename(image_path)}"
-        with fs.open_input_stream(image_path) as f:
-            image = f.read()
+        key = f"{shard.id}/{posixpath.basename(image_path or caption_path)}"
+        image = None  # an orphan caption: counted as no_image
+        if image_path:
+            with fs.open_input_stream(image_path) as f:
+                image = f.read()
         caption = None
         if caption_path:
             with fs.open_input_stream(caption_path) as f:

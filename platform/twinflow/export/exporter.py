@@ -56,6 +56,12 @@ def resolve_base_model(source: Source, override: str = "") -> str:
         if not (local / "model_index.json").is_file():
             raise ExportError(f"base model {path} ({flag}) is not a diffusers pipeline folder (no model_index.json); "
                               f"pass --base-model <Qwen-Image folder or hub id>")
+        from twinflow.files import FileProblem, check_model_folder
+
+        try:
+            check_model_folder(local)
+        except FileProblem as exc:
+            raise ExportError(f"base model ({flag}): {exc}") from None
         return str(local)
     if path.startswith((".", "/", "~")) or not _HUB_ID.match(path):
         raise ExportError(f"base model {path} ({flag}) does not exist here; pass --base-model <the Qwen-Image "

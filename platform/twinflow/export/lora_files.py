@@ -129,7 +129,7 @@ def _plain(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 def load_twinflow_lora(pipe, folder: str | Path, adapter_name: str | None = None, presets: bool = True) -> None:
     """Load an exported TwinFlow LoRA folder into a ``TwinFlowQwenImagePipeline`` built from the base model.
 
-        pipe = TwinFlowQwenImagePipeline.from_pretrained("Qwen/Qwen-Image", torch_dtype=torch.bfloat16)
+        pipe = TwinFlowQwenImagePipeline.from_pretrained("Qwen/Qwen-Image", dtype=torch.bfloat16)
         load_twinflow_lora(pipe, "<export>/lora")
         image = pipe("a red cat", num_inference_steps=2).images[0]
 

@@ -30,7 +30,7 @@ def build_transformer(weights: TrainedWeights, base_path: str, dtype: torch.dtyp
     elif weights.transformer_dir is not None:
         from twinflow.models.qwen_image import TwinFlowQwenImageTransformer2DModel
 
-        model = TwinFlowQwenImageTransformer2DModel.from_pretrained(weights.transformer_dir, torch_dtype=dtype)
+        model = TwinFlowQwenImageTransformer2DModel.from_pretrained(weights.transformer_dir, dtype=dtype)
     else:
         model = _assembled(weights, base_path, dtype)
     return model.requires_grad_(False).eval()
@@ -83,6 +83,6 @@ def save_pipeline(transformer, base_path: str, folder: str | Path, presets: dict
     """Base pipeline components (loaded in ``dtype``) + ``transformer`` + sampler presets -> ``folder``."""
     from twinflow.models.pipeline import TwinFlowQwenImagePipeline
 
-    pipe = TwinFlowQwenImagePipeline.from_pretrained(base_path, transformer=transformer, torch_dtype=dtype)
+    pipe = TwinFlowQwenImagePipeline.from_pretrained(base_path, transformer=transformer, dtype=dtype)
     pipe.set_sampler_presets(presets, default_steps)
     pipe.save_pretrained(folder)

@@ -5,7 +5,7 @@
 
 Accepted paths:
   * a training checkpoint ``<run>/checkpoint_step_NNNNNNNN/`` (train/state.py): DeepSpeed's files
-    (``latest``, ``<tag>/*_model_states.pt``, ``<tag>/*_optim_states.pt``) + ``twinflow/shared.pt``
+    (``latest``, ``<tag>/*_model_states.pt``, ``<tag>/*_optim_states.pt``) + ``twinflow/shared.json``
     and one ``twinflow/complete_rank_<r>`` marker per rank;
   * a run's ``final/`` folder (train/export.py): ``config.yaml`` + ``lora/adapter.safetensors`` or
     ``transformer/``;
@@ -15,11 +15,11 @@ ZeRO shards (any stage) are consolidated by DeepSpeed's own offline API,
 ``deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint``, on CPU with no process
 group: the fp32 master weights of every rank's partition, stitched together. That API calls
 ``torch.load(..., weights_only=False)`` (full pickle: a crafted checkpoint runs code). It is wrapped
-in ``weights_only_loads()``, which sets torch's own ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` switch for the
-duration (torch then unpickles with its restricted weights-only unpickler whatever the caller
-passed) and allows exactly the DeepSpeed data types its checkpoints hold (``DEEPSPEED_SAFE_GLOBALS``,
-enums and plain records, nothing callable). Everything else here is safetensors, YAML (safe_load),
-JSON, or ``torch.load(weights_only=True)``.
+in ``twinflow.files.weights_only_loads()``, which sets torch's own ``TORCH_FORCE_WEIGHTS_ONLY_LOAD``
+switch for the duration (torch then unpickles with its restricted weights-only unpickler whatever
+the caller passed) and allows exactly the DeepSpeed data types its checkpoints hold (enums and plain
+records, nothing callable). Everything else here is safetensors, YAML (safe_load) or JSON
+(train/state.py writes no pickles).
 
 Memory at 20B: the optimizer shards are memory-mapped and the Adam moments dropped by DeepSpeed;
 consolidation is lazy (``lazy_mode=True``): a full-parameter tensor is stitched only when the
@@ -42,10 +42,10 @@ import torch
 from twinflow.config.errors import ConfigError
 from twinflow.models.qwen_image import E2_PREFIX
 from twinflow.train.config import TrainConfig
+from twinflow.train.state import COMPLETE_PREFIX, LEGACY_SHARED_FILE, SHARED_FILE, STATE_DIR
 
 CHECKPOINT = "checkpoint"
 FINAL = "final"
-STATE_DIR, SHARED_FILE = "twinflow", "shared.pt"
 _OPTIM = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
 _ZERO3_MODEL = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_\d+_model_states\.pt$")
 _LORA_ADAPTER = re.compile(r"\.(lora_[AB])\.default\.")
@@ -62,40 +62,15 @@ class ExportError(ValueError):
 # ---------------------------------------------------------------------------
 
 
-def _deepspeed_safe_globals() -> list:
-    """DeepSpeed types pickled into its ZeRO checkpoint files (found by loading ZeRO-2/3 checkpoints with
-    weights_only=True): an enum, the loss-scaler state records and a (numel, start) dataclass. Nothing
-    here runs code on unpickling (no __reduce__ / __setstate__ of their own)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
+def load_shared_state(checkpoint: Path, load_teacher: bool = False) -> dict:
+    """``twinflow/shared.json`` (train/state.py); the teacher's tensors only when asked (a full-mode EMA
+    teacher can be 40 GB)."""
+    from twinflow.train.state import CheckpointError, read_shared_state
 
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
-
-
-@contextlib.contextmanager
-def weights_only_loads():
-    """Inside the block every ``torch.load`` is weights-only, even one that passes weights_only=False."""
-    saved = {k: os.environ.pop(k, None) for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     try:
-        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-            yield
-    finally:
-        os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
-        for k, v in saved.items():
-            if v is not None:
-                os.environ[k] = v
-
-
-def load_shared_state(checkpoint: Path) -> dict:
-    """``twinflow/shared.pt``, weights-only and memory-mapped (a full-mode EMA teacher can be 40 GB)."""
-    path = checkpoint / STATE_DIR / SHARED_FILE
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same problem for the user
-        raise ExportError(f"{path}: cannot be read as a weights-only checkpoint file ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0][:200]})") from None
+        return read_shared_state(checkpoint, load_teacher=load_teacher)
+    except CheckpointError as exc:
+        raise ExportError(str(exc)) from None
 
 
 # ---------------------------------------------------------------------------
@@ -142,7 +117,7 @@ def inspect_source(path: str | Path) -> Source:
     if not p.is_dir():
         raise ExportError(f"{p}: no such folder; pass a training checkpoint (<run>/checkpoint_step_…), a run's "
                           f"final/ folder or a run folder")
-    if (p / STATE_DIR / SHARED_FILE).is_file():
+    if (p / STATE_DIR / SHARED_FILE).is_file() or (p / STATE_DIR / LEGACY_SHARED_FILE).is_file():
         return _inspect_checkpoint(p)
     if (p / "config.yaml").is_file() and ((p / "lora").is_dir() or (p / "transformer").is_dir()):
         return _inspect_final(p)
@@ -152,8 +127,8 @@ def inspect_source(path: str | Path) -> Source:
     if checkpoints:
         return _inspect_checkpoint(checkpoints[-1])
     deepspeed_only = (p / "latest").is_file() or any(p.glob("*/*_model_states.pt"))
-    hint = (" (it holds DeepSpeed shards but no twinflow/shared.pt: not written by jobs/train_qwen.py, or copied "
-            "without its twinflow/ folder)" if deepspeed_only else "")
+    hint = (f" (it holds DeepSpeed shards but no {STATE_DIR}/{SHARED_FILE}: not written by jobs/train_qwen.py, or "
+            f"copied without its {STATE_DIR}/ folder)" if deepspeed_only else "")
     raise ExportError(f"{p} is not a TwinFlow training checkpoint (no {STATE_DIR}/{SHARED_FILE}), nor a run's final/ "
                       f"folder (config.yaml + lora/ or transformer/), nor a run folder holding either{hint}")
 
@@ -169,11 +144,8 @@ def _config_from(data: dict, where: str) -> TrainConfig:
 
 def _inspect_checkpoint(p: Path) -> Source:
     shared = load_shared_state(p)
-    for key in ("world_size", "tag", "config", "state"):
-        if key not in shared:
-            raise ExportError(f"{p / STATE_DIR / SHARED_FILE} lacks {key!r}: not a checkpoint written by jobs/train_qwen.py")
     world, tag = int(shared["world_size"]), str(shared["tag"])
-    missing = [r for r in range(world) if not (p / STATE_DIR / f"complete_rank_{r:05d}").is_file()]
+    missing = [r for r in range(world) if not (p / STATE_DIR / f"{COMPLETE_PREFIX}{r:05d}").is_file()]
     if missing:
         raise ExportError(f"{p} is incomplete: ranks {missing} of {world} never marked their shard complete "
                           f"({STATE_DIR}/complete_rank_NNNNN; a crash while it was written). Export an earlier "
@@ -215,6 +187,12 @@ def _inspect_final(p: Path) -> Source:
     need = p / "lora" / "adapter.safetensors" if cfg.is_lora else p / "transformer" / "config.json"
     if not need.is_file():
         raise ExportError(f"{p} is incomplete: a {cfg.model.mode} run's final/ folder must hold {need.relative_to(p)}")
+    from twinflow.files import FileProblem, check_tree
+
+    try:
+        check_tree(p)  # a truncated adapter or transformer file: one line naming it, before any work
+    except FileProblem as exc:
+        raise ExportError(str(exc)) from None
     step = None
     metrics = p / "metrics.jsonl"
     if metrics.is_file():
@@ -280,7 +258,7 @@ def _read_final(source: Source, use_ema: bool) -> TrainedWeights:
 
 def _read_checkpoint(source: Source, use_ema: bool) -> TrainedWeights:
     if use_ema:
-        teacher = source.shared["teacher"]
+        teacher = load_shared_state(source.path, load_teacher=True)["teacher"]
         if source.mode == "lora":
             return TrainedWeights(source=source, ema=True, lora=dict(teacher["ema"]))
         return TrainedWeights(source=source, ema=True, transformer=_strip_module_prefix(teacher["module"], source))
@@ -308,6 +286,8 @@ def consolidate(source: Source) -> dict[str, Any]:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # an export box without GPUs: no CUDA probing
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from twinflow.files import weights_only_loads
 
     # DeepSpeed reports progress with print(); keep stdout for the job's JSON result.
     with weights_only_loads(), contextlib.redirect_stdout(sys.stderr):

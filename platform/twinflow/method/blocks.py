@@ -66,21 +66,8 @@ def weights_from_lambda(lam: float) -> BlockWeights:
     return BlockWeights(one_step=lam / 2, near_diag=(1 - lam) / 2, any_step=(1 - lam) / 2, fake=lam / 2)
 
 
-def block_counts(weights: BlockWeights, n: int) -> list[int]:
-    """Rows per block for a batch of ``n``: largest-remainder rounding, ties to the earlier block.
-
-    Raises ConfigError when ``n`` is too small to give every block of non-zero weight its share
-    of at least one row (``min_global_batch``).
-    """
-    need = min_global_batch(weights)
-    if n < need:
-        w = weights.as_list()
-        short = [BLOCK_NAMES[Block(i)] for i in range(4) if w[i] > 0 and n * w[i] / sum(w) < 1 - 1e-9]
-        raise ConfigError(
-            f"global batch {n} is too small to give every active block a row ({', '.join(short)} would get "
-            f"none): raise the global batch (micro_batch × workers × grad_accum) to at least {need}, "
-            f"or set that block's weight to 0")
-    w = weights.as_list()
+def _round_counts(w: list[float], n: int) -> list[int]:
+    """Largest-remainder rounding of n·w/Σw, ties to the earlier block."""
     exact = [n * wi / sum(w) for wi in w]
     counts = [int(e + 1e-9) for e in exact]
     order = sorted(range(4), key=lambda i: (-(exact[i] - counts[i]), i))
@@ -89,11 +76,34 @@ def block_counts(weights: BlockWeights, n: int) -> list[int]:
     return counts
 
 
+SHARE_TOLERANCE = 1e-3
+"""A share within this of one row counts as one row (λ = 0.3333 at 6 rows gives 0.9999 one-step rows)."""
+
+
+def block_counts(weights: BlockWeights, n: int) -> list[int]:
+    """Rows per block for a batch of ``n``: largest-remainder rounding, ties to the earlier block.
+
+    Raises ConfigError when ``n`` is below ``min_global_batch``: some block of non-zero weight would
+    have a share under one row; the message names the blocks the rounding would leave without a row.
+    """
+    w = weights.as_list()
+    counts = _round_counts(w, n)
+    need = min_global_batch(weights)
+    if n < need:
+        empty = [BLOCK_NAMES[Block(i)] for i in range(4) if w[i] > 0 and counts[i] == 0]
+        shares = ", ".join(f"{BLOCK_NAMES[Block(i)]} {n * w[i] / sum(w):.2f}" for i in range(4) if w[i] > 0)
+        why = (f"{', '.join(empty)} would get no row" if empty else
+               f"shares of {shares} rows round to {'/'.join(map(str, counts))}, not the configured mix")
+        raise ConfigError(f"global batch {n} is too small for the block mix ({why}): raise the global batch "
+                          f"(micro_batch × workers × grad_accum) to at least {need}, or set that block's weight to 0")
+    return counts
+
+
 def min_global_batch(weights: BlockWeights) -> int:
     """Smallest global batch in which every non-zero block's share is at least one row."""
     w = weights.as_list()
     smallest = min(wi for wi in w if wi > 0) / sum(w)
-    return max(1, math.ceil(1 / smallest - 1e-9))
+    return max(1, math.ceil((1 - SHARE_TOLERANCE) / smallest))
 
 
 def realised_shares(counts: list[int]) -> dict[str, float]:

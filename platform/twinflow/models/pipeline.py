@@ -85,13 +85,13 @@ class TwinFlowQwenImagePipeline(QwenImagePipeline):
             index = cls.load_config(pretrained_model_name_or_path, **hub)
             entry = index.get("transformer") or (None, None)
             if entry[1] != TwinFlowQwenImageTransformer2DModel.__name__:
-                dtype = kwargs.get("torch_dtype")
+                dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
                 if isinstance(dtype, dict):
                     dtype = dtype.get("transformer", dtype.get("default"))
                 logger.info("%s holds a plain %s; loading it as %s", pretrained_model_name_or_path, entry[1],
                             TwinFlowQwenImageTransformer2DModel.__name__)
                 kwargs["transformer"] = TwinFlowQwenImageTransformer2DModel.from_pretrained(
-                    pretrained_model_name_or_path, subfolder="transformer", torch_dtype=dtype, **hub)
+                    pretrained_model_name_or_path, subfolder="transformer", dtype=dtype, **hub)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     from_qwen_image = from_pretrained

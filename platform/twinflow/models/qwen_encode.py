@@ -40,7 +40,7 @@ def load_text_encoding_pipeline(path_or_hub_id: str, torch_dtype: torch.dtype | 
     """Load only text_encoder + tokenizer of a Qwen-Image pipeline folder or hub id."""
     from diffusers import QwenImagePipeline
 
-    return QwenImagePipeline.from_pretrained(path_or_hub_id, transformer=None, vae=None, torch_dtype=torch_dtype,
+    return QwenImagePipeline.from_pretrained(path_or_hub_id, transformer=None, vae=None, dtype=torch_dtype,
                                              **kwargs)
 
 

@@ -231,7 +231,7 @@ def load_twinflow_transformer(path_or_hub_id: str | Path, subfolder: str | None 
     """
     if init_context is None:
         model = TwinFlowQwenImageTransformer2DModel.from_pretrained(
-            path_or_hub_id, subfolder=subfolder, torch_dtype=torch_dtype, **from_pretrained_kwargs)
+            path_or_hub_id, subfolder=subfolder, dtype=torch_dtype, **from_pretrained_kwargs)
     else:
         config = TwinFlowQwenImageTransformer2DModel.load_config(path_or_hub_id, subfolder=subfolder,
                                                                  **_hub_kwargs(from_pretrained_kwargs))

@@ -1,10 +1,10 @@
 """Named plans for jobs/plan.py, and the hook the training job's ``--dry-run`` calls.
 
 Presets (functions returning ``PlanInputs``; ``--set`` overrides any field):
-  qwen_image_lora_512         Qwen-Image 20B, LoRA r64 on the 14 reference targets (fp32 adapters,
+  qwen-image-lora-512         Qwen-Image 20B, LoRA r64 on the 14 reference targets (fp32 adapters,
                               bf16 base), ZeRO-2, 8 GPUs × micro-batch 4 (the reference LoRA recipe:
                               global batch 32), 512², self teacher, GC on, H100
-  qwen_image_full_zero3_1024  Qwen-Image 20B full-parameter, ZeRO-3, 64 GPUs × micro-batch 2, 1024², GC
+  qwen-image-full-zero3-1024  Qwen-Image 20B full-parameter, ZeRO-3, 64 GPUs × micro-batch 2, 1024², GC
   tiny                        the random-weight "tiny" pipeline of models/tiny_qwen.py (CPU presets)
 
 For the training job (its config class lives in twinflow/train, not here):
@@ -60,8 +60,8 @@ def tiny() -> PlanInputs:
 
 
 PLAN_PRESETS: dict[str, Callable[[], PlanInputs]] = {
-    "qwen_image_lora_512": qwen_image_lora_512,
-    "qwen_image_full_zero3_1024": qwen_image_full_zero3_1024,
+    "qwen-image-lora-512": qwen_image_lora_512,
+    "qwen-image-full-zero3-1024": qwen_image_full_zero3_1024,
     "tiny": tiny,
 }
 

@@ -18,6 +18,13 @@ Checkpoints: every rank writes its DeepSpeed shard and its RNG state into a temp
 ``ray.train.report`` with it (Ray merges the ranks' files); see train/state.py for the layout.
 Resume restores weights, optimizer, LR schedule, EMA teacher, step, data position and RNG streams,
 with the barrier inside ``checkpoint.as_directory()`` (Ray PR #57118).
+
+Deterministic input errors (``INPUT_ERRORS``: a data shard over ``data.bad_share_limit``, an
+unreadable or unsafe checkpoint, a truncated file) are not raised: Ray Train would treat them as a
+worker failure and restart into the same error. The ranks agree on them instead (an all-gather
+after each setup phase, and a MIN all-reduce of "my micro-batch is fine" before every forward) and
+all return ``stop_reason: error`` with the one-line message, which the driver raises as
+``RunInputError`` (train/trainer.py; the jobs print it and exit 2).
 """
 
 from __future__ import annotations
@@ -32,14 +39,20 @@ from pathlib import Path
 import torch
 
 from twinflow.config.tree import from_dict, to_dict
+from twinflow.data.sources import BadDataError
+from twinflow.files import FileProblem, one_line
 from twinflow.method.blocks import LossNorm, allocate_micro_batch
 from twinflow.method.objective import TwinFlowObjective
 from twinflow.models.qwen_encode import expand_condition
-from twinflow.train.batches import MicroBatches
+from twinflow.train.batches import DataStopped, MicroBatches
 from twinflow.train.config import TrainConfig
 from twinflow.train.faults import Faults
-from twinflow.train.state import (SAMPLES_DIR, TrainState, check_complete, mark_complete, read_rank_state,
-                                  restore_rng, seed_everything, tag_for, write_rank_state, write_shared_state)
+from twinflow.train.state import (SAMPLES_DIR, CheckpointError, TrainState, check_complete, load_deepspeed_checkpoint,
+                                  mark_complete, read_rank_state, restore_rng, seed_everything, tag_for,
+                                  write_rank_state, write_shared_state)
+
+INPUT_ERRORS = (BadDataError, CheckpointError, FileProblem, DataStopped)
+"""Errors that a restart cannot fix: reported to the user instead of retried."""
 
 STAT_KEYS = ("loss/total", "loss/one_step", "loss/near_diag", "loss/any_step", "loss/fake", "loss/rectify",
              "dv_norm", "fake_norm")
@@ -61,6 +74,8 @@ class Worker:
         self.storage = payload["storage"]
         self.data_fs = payload.get("data_filesystem")
         self.mlflow_env = payload.get("mlflow_env")
+        self.data_counts = payload.get("data_counts")
+        self._counts: tuple[float, dict] | None = None
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.local_world = ctx.get_local_world_size()
@@ -138,21 +153,46 @@ class Worker:
         from twinflow.train.engine import reset_lr_schedule
 
         with checkpoint.as_directory() as d:
-            shared = check_complete(d, self.world)
-            self.engine.load_checkpoint(d, tag=shared["tag"], load_module_strict=not self.cfg.is_lora,
-                                        load_optimizer_states=True, load_lr_scheduler_states=True)
+            # Our own files first (JSON + safetensors, no collectives), then DeepSpeed's pickles, read
+            # weights-only; after each, the ranks agree so that none waits in a collective for a rank
+            # that stopped on a bad file.
+            shared, rng, error = None, None, None
+            try:
+                shared = check_complete(d, self.world)
+                rng = read_rank_state(d, self.rank)
+            except INPUT_ERRORS as exc:
+                error = str(exc)
+            self.agree(error)
+            try:
+                load_deepspeed_checkpoint(self.engine, d, shared["tag"], load_module_strict=not self.cfg.is_lora,
+                                          load_optimizer_states=True, load_lr_scheduler_states=True)
+            except INPUT_ERRORS as exc:
+                error = str(exc)
+            self.agree(error)
             reset_lr_schedule(self.engine, self.cfg)
             self.state = TrainState.from_dict(shared["state"])
             self.state.resumed_from.append(self.state.step)
             if shared["teacher"] is not None and hasattr(self.teacher, "load_state_dict"):
                 self.teacher.load_state_dict(shared["teacher"])
-            restore_rng(read_rank_state(d, self.rank)["rng"], self.generator)
+            restore_rng(*rng, self.generator)
             # Inside the block: no rank may leave (and delete a downloaded copy) while others read.
-            dist.barrier()
+            if self.world > 1:
+                dist.barrier()
         if self.rank == 0:
             print(f"[twinflow] resumed from {checkpoint.path} at step {self.state.step} (epoch {self.state.epoch}, "
                   f"micro-batch {self.state.micro_in_epoch})", file=sys.stderr, flush=True)
         return True
+
+    def agree(self, error: str | None) -> None:
+        """Collective: raise RunStop on every rank when any rank has an input error (its message)."""
+        if self.world > 1:
+            import torch.distributed as dist
+
+            box: list = [None] * self.world
+            dist.all_gather_object(box, error)
+            error = next((e for e in box if e), None)
+        if error:
+            raise RunStop(error)
 
     # ------------------------------------------------------------------ one optimizer step
 
@@ -295,17 +335,49 @@ class Worker:
     # ------------------------------------------------------------------ the run
 
     def run(self) -> dict:
+        try:
+            return self._run()
+        except RunStop as stop:
+            if self.tracker is not None:
+                self.tracker.close(None)
+            return {"step": self.state.step, "stop_reason": "error", "error": str(stop),
+                    "skipped_steps": self.state.skipped_steps, "nan_streak": self.state.nan_streak, "final": None,
+                    "data": self.data_summary()}
+
+    def data_summary(self, max_age_s: float = 0.0) -> dict | None:
+        """Samples seen / usable / skipped per reason so far (raw data: the decode ledger, one entry per
+        shard; a cache: its manifest's counts from pre-caching); rank 0 only. ``max_age_s``: reuse a
+        reading at most this old (metric rows ask every step)."""
+        if self.rank != 0 or not self.data_counts:
+            return None
+        if "static" in self.data_counts:
+            return dict(self.data_counts["static"])
+        now = time.monotonic()
+        if self._counts is None or now - self._counts[0] > max_age_s:
+            import ray
+
+            from twinflow.data.ingest import summarize
+
+            self._counts = (now, summarize(ray.get(self.data_counts["ledger"].all.remote())))
+        return self._counts[1]
+
+    def _run(self) -> dict:
         import ray.train
 
         from twinflow.train.samples import SampleGrid
         from twinflow.train.tracking import Tracker
 
         cfg = self.cfg
-        self.setup()
+        error = None
+        try:
+            self.setup()
+        except INPUT_ERRORS as exc:
+            error = str(exc)
+        self.agree(error)
         resumed = self.restore()
         st = self.state
         self.data = MicroBatches(ray.train.get_dataset_shard("train"), self.spec, self.device, st.epoch,
-                                 st.micro_in_epoch)
+                                 st.micro_in_epoch, world=self.world)
         self.samples = None
         if cfg.sample.enabled:
             self.samples = SampleGrid(cfg.sample, self.model_path, self.rank, self.world,
@@ -321,7 +393,10 @@ class Worker:
         every = cfg.logging.ray_report_every
         while st.step < stop_at:
             step = st.step + 1
-            row = self.train_step(step)
+            try:
+                row = self.train_step(step)
+            except DataStopped as exc:  # every rank raises it together (MicroBatches agrees per micro-batch)
+                raise RunStop(str(exc)) from None
             logged = step % cfg.run.log_every == 0
             checkpoint = step % cfg.run.checkpoint_every == 0 or step == stop_at
             ray_report = checkpoint or bool(every and step % every == 0)
@@ -329,6 +404,7 @@ class Worker:
                 row.update(self.quality_probe())
                 logged = True
             if self.rank == 0 and (logged or checkpoint or row["step_skipped"]):
+                row.update(_data_metrics(self.data_summary(max_age_s=0.0 if checkpoint else 10.0)))
                 st.history.append(_json_row(row))
                 self.tracker.log(step, row)
             self.faults.after_step(step)
@@ -359,8 +435,21 @@ class Worker:
             self.equalizer.remove()
         return {"step": st.step, "stop_reason": stop_reason, "skipped_steps": st.skipped_steps,
                 "nan_streak": st.nan_streak, "final": final, "resumed": resumed, "resumed_from": list(st.resumed_from),
+                "data": self.data_summary(),
                 "last": st.history[-1] if st.history else None,
                 "zero3_padding_passes": self.equalizer.padded if self.equalizer is not None else 0}
+
+
+class RunStop(Exception):
+    """Raised on every rank together (``Worker.agree``): end the run with this message, no retry."""
+
+
+def _data_metrics(summary: dict | None) -> dict:
+    if not summary:
+        return {}
+    out = {"data/seen": summary["seen"], "data/ok": summary["ok"]}
+    out.update({f"data/skipped/{k}": v for k, v in summary["skipped"].items()})
+    return out
 
 
 def _peak_memory_gb(device: torch.device) -> float:

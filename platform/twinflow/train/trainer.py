@@ -29,12 +29,17 @@ from typing import Any
 from twinflow.config.errors import ConfigError
 from twinflow.config.tree import to_dict
 from twinflow.train.config import TrainConfig
+from twinflow.files import check_model_folder
 from twinflow.train.prepare import check_resubmission, resolved
 from twinflow.train.storage import RunStorage
 
 
 class NonFiniteLossError(RuntimeError):
     """The run stopped because run.nan_limit steps in a row had non-finite losses."""
+
+
+class RunInputError(RuntimeError):
+    """The run stopped on an input a restart cannot fix (bad data, an unreadable or unsafe file): one line."""
 
 
 @dataclass
@@ -83,8 +88,12 @@ def build_trainer(cfg: TrainConfig, storage: RunStorage, callbacks: list | tuple
     warn_missing_resources(custom, "scaling.resources_per_worker")
     ingest = DataConfig.default_ingest_options()  # Ray Train's defaults, plus a deterministic order
     ingest.preserve_order = True
+    counts = ({"ledger": data.ledger} if data.ledger is not None else
+              {"static": {"shards": len(data.manifest.shards), "seen": data.manifest.counts.get("seen", 0),
+                          "ok": data.manifest.counts.get("rows", 0),
+                          "skipped": dict(data.manifest.counts.get("skipped", {}))}})
     payload = {"config": to_dict(work_cfg), "model_path": model_path, "batch_spec": data.spec,
-               "storage": storage, "data_filesystem": data_fs, "mlflow_env": tracking_env}
+               "storage": storage, "data_filesystem": data_fs, "mlflow_env": tracking_env, "data_counts": counts}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=payload,
@@ -108,6 +117,7 @@ def run_training(cfg: TrainConfig, storage_filesystem=None, callbacks: list | tu
     from twinflow.ray_env import connect
 
     t0 = time.time()
+    check_model_folder(resolved(cfg)[1])  # a truncated weight file: one line now, not a retried worker crash
     storage = RunStorage.for_run(cfg.run.storage_path, cfg.run.name, storage_filesystem)
     existed = check_resubmission(storage, cfg)
     if existed:
@@ -115,9 +125,16 @@ def run_training(cfg: TrainConfig, storage_filesystem=None, callbacks: list | tu
     mlflow_env(cfg)  # its config error (mlflow: on without a tracking URI) comes before Ray starts
     connect()
     trainer = build_trainer(cfg, storage, callbacks)
-    result = trainer.fit()
-    summary = dict(result.return_value or {})
+    try:
+        result = trainer.fit()
+    except SystemExit:  # Ray Train's SIGINT handler aborts the run and exits (with code 0)
+        raise KeyboardInterrupt from None
+    if result.return_value is None:  # aborted (Ctrl-C): the workers never returned their summary
+        raise KeyboardInterrupt
+    summary = dict(result.return_value)
     outcome = TrainOutcome(summary=summary, result=result, run_uri=storage.uri(), seconds=time.time() - t0)
+    if summary.get("stop_reason") == "error":
+        raise RunInputError(summary["error"])
     if summary.get("stop_reason") == "nan_limit":
         raise NonFiniteLossError(
             f"training stopped at step {summary['step']}: {summary['nan_streak']} steps in a row had non-finite "

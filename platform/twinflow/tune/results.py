@@ -177,7 +177,8 @@ def best_train_config(winner: dict, cfg: SweepConfig):
         base = trial_target(cfg, winner_params(winner, cfg))
     else:
         base = with_params(cfg.qwen, {LAM_PATH: float(winner["lam"]), LR_PATH["qwen"]: float(winner["lr"])}, "qwen")
-    return build(TrainConfig, base, None, cfg.promote)
+    # Its own run name (the trials' and the demo's names are taken): the printed command must work as it is.
+    return build(TrainConfig, base, None, [f"run.name={cfg.name}-best", *cfg.promote])
 
 
 def best_study_config(winner: dict, cfg: SweepConfig):
