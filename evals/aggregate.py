@@ -81,3 +81,9 @@ def wise(items: Sequence[Item], nfe: int, latest: Mapping[tuple[int, str], dict]
     res["breakdown"] = res.pop("categories")
     res["missing_ids"] = len(res["missing_ids"])  # a count; the ids are in coverage/records
     return res
+
+
+def digits(items: Sequence[Item], nfe: int, latest: Mapping[tuple[int, str], dict], rules) -> dict:
+    from evals.digits.rules import aggregate as digits_aggregate
+
+    return digits_aggregate([rec["data"] for _, rec in _scored(items, nfe, latest)], rules)

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from twinflow import ray_resources
 from twinflow.config import require
 
-from evals.prompts import BENCHMARKS
+from evals.prompts import BENCHMARKS, FILE_BENCHMARKS
 
 
 @dataclass
@@ -106,6 +106,31 @@ class WISEConfig:
 
 
 @dataclass
+class DigitsConfig:
+    """The digits benchmark (evals/digits): the miniature paper's digits base."""
+
+    images_per_prompt: int = 32
+    templates: int = 2                   # caption templates per class (twinflow.data.digits)
+    resolution: int = 32
+    threshold: float = 0.5               # classifier probability for an image to count as correct
+    k: int = 3                           # k-NN precision / recall
+    feature_dims: int = 32               # PCA features for Fréchet / precision / recall / diversity
+
+    def validate(self, path: str) -> None:
+        require(self.images_per_prompt >= 2, f"{path}.images_per_prompt",
+                "must be >= 2 (within-prompt diversity needs pairs)")
+        require(1 <= self.templates <= 2, f"{path}.templates", "must be 1 or 2")
+        require(self.resolution >= 16 and self.resolution % 16 == 0, f"{path}.resolution", "must be a multiple of 16")
+        require(0 <= self.threshold < 1, f"{path}.threshold", "must lie in [0, 1)")
+        require(self.k >= 1 and 2 <= self.feature_dims <= 64, f"{path}", "k >= 1 and 2 <= feature_dims <= 64")
+
+    def rules(self):
+        from evals.digits.rules import DigitsRules
+
+        return DigitsRules(threshold=self.threshold, k=self.k, feature_dims=self.feature_dims, size=self.resolution)
+
+
+@dataclass
 class StageConfig:
     """Resources of one stage's actors. ``num_gpus`` applies only when the pool runs on GPUs."""
 
@@ -134,6 +159,7 @@ class PoolConfig:
     geneval: StageConfig = field(default_factory=StageConfig)
     dpg: StageConfig = field(default_factory=StageConfig)
     wise: StageConfig = field(default_factory=lambda: StageConfig(num_gpus=0.0))
+    digits: StageConfig = field(default_factory=lambda: StageConfig(num_gpus=0.0, shard_size=4))
 
     def validate(self, path: str) -> None:
         require(self.max_attempts >= 1, f"{path}.max_attempts", "must be >= 1")
@@ -153,7 +179,7 @@ class EvalConfig:
     watch_dir: str = ""                  # run storage path to watch for new checkpoints
     output_dir: str = ""                 # "" = <checkpoint>/eval
     data_root: str = ""                  # "" = $TWINFLOW_BENCHMARKS_DIR, else ./shared/benchmarks
-    benchmarks: list[str] = field(default_factory=lambda: list(BENCHMARKS))
+    benchmarks: list[str] = field(default_factory=lambda: list(FILE_BENCHMARKS))
     nfe: list[int] = field(default_factory=lambda: [1, 2, 4])
     limit: int = 0                       # first N prompts of each benchmark (0 = all)
     resume: bool = True                  # keep images and records already written
@@ -163,6 +189,7 @@ class EvalConfig:
     geneval: GenEvalConfig = field(default_factory=GenEvalConfig)
     dpg: DPGConfig = field(default_factory=DPGConfig)
     wise: WISEConfig = field(default_factory=WISEConfig)
+    digits: DigitsConfig = field(default_factory=DigitsConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
     watch: WatchConfig = field(default_factory=WatchConfig)
 
@@ -206,4 +233,15 @@ def tiny() -> EvalConfig:
     return cfg
 
 
-PRESETS = {"default": default, "tiny": tiny}
+def digits() -> EvalConfig:
+    """The digits benchmark on CPU actors, for the miniature paper's models: by default the pretrained
+    digits base itself (``digits-base``, built on first use) at 1, 2, 4 and 100 NFE."""
+    cfg = EvalConfig(checkpoint="digits-base", benchmarks=["digits"], nfe=[1, 2, 4, 100], grid_prompts=10,
+                     generation=GenerationConfig(max_sequence_length=64))
+    stage = dict(num_actors=1, num_cpus=1.0, num_gpus=0.0, shard_size=4, batch_size=64)
+    cfg.pool = PoolConfig(device="cpu", generate=StageConfig(**stage), digits=StageConfig(**stage),
+                          geneval=StageConfig(**stage), dpg=StageConfig(**stage), wise=StageConfig(**stage))
+    return cfg
+
+
+PRESETS = {"default": default, "tiny": tiny, "digits": digits}

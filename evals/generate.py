@@ -127,6 +127,10 @@ def load_generator(folder: str | Path, kind: str = "auto", device: str = "cpu",
         cls = getattr(diffusers, class_name, None) or diffusers.DiffusionPipeline
         pipe = cls.from_pretrained(str(folder), dtype=dtype)
     pipe = pipe.to(device)
+    if getattr(pipe, "text_encoder", None) is not None and "Qwen" in type(pipe.text_encoder).__name__:
+        from twinflow.models.qwen_encode import skip_unused_logits
+
+        skip_unused_logits(pipe.text_encoder)  # a stock QwenImagePipeline computes 152k-vocab logits per token
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     return PipelineGenerator(pipe, f"{kind}:{type(pipe).__name__}", device, options, kind)

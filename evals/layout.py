@@ -3,6 +3,7 @@
   GenEval  <images>/<NNNNN>/metadata.jsonl  (that prompt's JSON object) and <NNNNN>/samples/<kkkkk>.png
   DPG      <images>/<item_id>.png           one 2x2 grid of R x R tiles, tiles at (0,0) (R,0) (0,R) (R,R)
   WISE     <images>/<prompt_id>.png
+  digits   <images>/<class>-<template>/samples/<kkkkk>.png and metadata.jsonl (GenEval's layout)
 so ``evaluation/evaluate_images.py``, ``compute_dpg_bench.py --pic-num 4 --resolution R`` and
 ``gpt_eval.py`` could score the same folders. ``<images>`` is ``<out>/<benchmark>/nfe<N>/images``.
 
@@ -24,8 +25,11 @@ from PIL import Image, ImageOps
 from evals.prompts import Item
 
 
+PER_PROMPT_FOLDERS = ("geneval", "digits")
+
+
 def images_per_item(benchmark: str, geneval_n: int) -> int:
-    return {"geneval": geneval_n, "dpg": 4, "wise": 1}[benchmark]
+    return {"geneval": geneval_n, "digits": geneval_n, "dpg": 4, "wise": 1}[benchmark]
 
 
 def image_dir(out: Path, benchmark: str, nfe: int) -> Path:
@@ -33,7 +37,7 @@ def image_dir(out: Path, benchmark: str, nfe: int) -> Path:
 
 
 def expected_files(benchmark: str, root: Path, item: Item, n: int) -> list[Path]:
-    if benchmark == "geneval":
+    if benchmark in PER_PROMPT_FOLDERS:
         return [root / item.key / "samples" / f"{k:05d}.png" for k in range(n)] + [root / item.key / "metadata.jsonl"]
     return [root / f"{item.key}.png"]
 
@@ -74,7 +78,7 @@ def split_grid(grid: Image.Image) -> list[Image.Image]:
 
 def render(benchmark: str, item: Item, images: Sequence[Image.Image]) -> dict[str, bytes]:
     """Relative path -> file bytes for one prompt's generated images."""
-    if benchmark == "geneval":
+    if benchmark in PER_PROMPT_FOLDERS:
         files = {f"{item.key}/samples/{k:05d}.png": png_bytes(im) for k, im in enumerate(images)}
         files[f"{item.key}/metadata.jsonl"] = json.dumps(item.meta).encode()
         return files

@@ -19,7 +19,9 @@ from typing import Any
 
 from evals.wise.rules import RANGES, category_of
 
-BENCHMARKS = ("geneval", "dpg", "wise")
+BENCHMARKS = ("geneval", "dpg", "wise", "digits")
+FILE_BENCHMARKS = ("geneval", "dpg", "wise")
+"""The ones whose prompts come from a benchmarks folder (digits builds its own, evals/digits)."""
 ENV_DATA_ROOT = "TWINFLOW_BENCHMARKS_DIR"
 DPG_CSV_URL = "https://raw.githubusercontent.com/TencentQQGYLab/ELLA/main/dpg_bench/dpg_bench.csv"
 DPG_CSV_GIT_BLOB = "98457fc9901943f51ff9a30367250fc292533bed"
@@ -131,6 +133,13 @@ def load_wise(root: Path, protocol: str = "legacy", rewrite: bool = False, limit
         raise DataError(f"{mismatched} WISE prompts fall outside their category's {protocol} id range "
                         f"{RANGES[protocol]}; the JSON belongs to the other protocol")
     return _limit(items, limit)
+
+
+def load_digits(templates: int = 2, limit: int = 0) -> list[Item]:
+    """Every class × caption template (evals/digits/rules.py); key "<class>-<template>"."""
+    from evals.digits.rules import digit_prompts
+
+    return _limit([Item(key=k, prompt=p, meta=m) for k, p, m in digit_prompts(templates)], limit)
 
 
 def git_blob_sha1(data: bytes) -> str:

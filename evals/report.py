@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 
 from PIL import Image, ImageDraw
 
+from evals.digits.rules import DIGIT_COLUMNS
 from evals.geneval.rules import TAGS
 from evals.wise.rules import CATEGORIES
 
@@ -21,8 +22,9 @@ COLUMNS = {
     "geneval": list(TAGS),
     "dpg": ["global", "entity", "attribute", "relation", "other"],
     "wise": list(CATEGORIES),
+    "digits": DIGIT_COLUMNS,
 }
-DIGITS = {"geneval": 2, "dpg": 2, "wise": 2}
+DIGITS = {"geneval": 2, "dpg": 2, "wise": 2, "digits": 3}
 
 # BENCHMARKS.md §4; the Qwen-Image rows are what TwinFlow cites for the 100-NFE teacher.
 REFERENCES: dict[str, list[dict[str, Any]]] = {
@@ -53,6 +55,9 @@ def references(benchmark: str, protocol: str = "") -> list[dict[str, Any]]:
 
 def protocol_label(benchmark: str, scorer: Mapping[str, Any]) -> str:
     """The name a number is quoted under; stand-ins say so."""
+    if benchmark == "digits":
+        return (f"digits (classifier held-out accuracy {scorer['heldout_accuracy']:.3f}, threshold "
+                f"{scorer['threshold']}; overall = accuracy; Fréchet / precision / recall in {scorer['feature_dims']}-d PCA)")
     if benchmark == "geneval":
         rules = "" if scorer.get("official_rules", True) else ", non-official rules"
         return f"GenEval (HF port: {scorer['detector']} + {scorer['clip']}{rules})"
@@ -95,7 +100,7 @@ def markdown(benchmark: str, results: Mapping[str, Any]) -> str:
                                        + [cell, cov_txt]) + " |")
     for ref in results.get("references", []):
         lines.append("| " + " | ".join([f"*{ref['model']}*"] + [_fmt(ref["breakdown"].get(c), digits) for c in cols]
-                                       + [_fmt(ref["overall"], digits), "published"]) + " |")
+                                       + [_fmt(ref["overall"], digits), ref.get("kind", "published")]) + " |")
     lines.append("")
     for err in results.get("stage_errors", []):
         lines.append(f"**Stage error:** {err}  ")

@@ -36,9 +36,10 @@ from evals.checkpoints import NeedsConversion, WatchState, discover, resolve_pip
 from evals.config import EvalConfig, StageConfig
 from evals.generate import GenerationActor, GenerationOptions, GenTask, image_seed, resolve_kind
 from evals.pool import ShardPool, StageError, actor_options
-from evals.prompts import (Item, geneval_object_names, load_dpg, load_dpg_questions, load_geneval, load_wise,
-                           resolve_data_root)
+from evals.prompts import (FILE_BENCHMARKS, Item, geneval_object_names, load_digits, load_dpg, load_dpg_questions,
+                           load_geneval, load_wise, resolve_data_root)
 from evals.records import RecordStore
+from evals.digits.rules import reference_rows as digits_references
 from evals.report import protocol_label, references, write_reports
 
 log = logging.getLogger("evals")
@@ -96,14 +97,14 @@ def resolve_model_names(cfg: EvalConfig, data_root: Path) -> EvalConfig:
     """The config with every ``tiny`` / ``tiny:<kind>`` model name replaced by its folder in the cache
     (built on first use); a user's paths are never created."""
     from evals.tiny_models import is_tiny_name, resolve_tiny_path
-    from twinflow.models.tiny_qwen import TINY_PRESETS, resolve_tiny_model
+    from twinflow.named import is_named_model, resolve_model
 
     if not any(is_tiny_name(v) for v in (cfg.geneval.detector, cfg.geneval.clip, cfg.dpg.vqa_model,
-                                           cfg.wise.local_model)) and cfg.checkpoint not in TINY_PRESETS:
+                                           cfg.wise.local_model)) and not is_named_model(cfg.checkpoint):
         return cfg
     names = geneval_object_names(data_root) if "geneval" in cfg.benchmarks else ()
     return dataclasses.replace(
-        cfg, checkpoint=resolve_tiny_model(cfg.checkpoint) if cfg.checkpoint in TINY_PRESETS else cfg.checkpoint,
+        cfg, checkpoint=resolve_model(cfg.checkpoint),
         geneval=dataclasses.replace(cfg.geneval, detector=resolve_tiny_path(cfg.geneval.detector, names),
                                     clip=resolve_tiny_path(cfg.geneval.clip)),
         dpg=dataclasses.replace(cfg.dpg, vqa_model=resolve_tiny_path(cfg.dpg.vqa_model)),
@@ -145,6 +146,16 @@ def plan_benchmark(name: str, cfg: EvalConfig, data_root: Path, out: Path) -> Pl
         return Plan(name, load_dpg(data_root, cfg.limit), 4, (d.tile_resolution, d.tile_resolution), out / name,
                     scorer, {"rows": rows, "questions": {k: [[q.qid, q.text] for q in pq.questions.values()]
                                                          for k, pq in union.items()}})
+    if name == "digits":
+        d = cfg.digits
+        from evals.digits.rules import judge_for
+
+        rules = d.rules()
+        scorer = {"classifier": "RBF SVM on real digits (sklearn)", "heldout_accuracy": judge_for(rules).heldout_accuracy,
+                  "threshold": d.threshold, "k": d.k, "feature_dims": d.feature_dims,
+                  "reference": f"the 1,797 real digits rendered at {d.resolution} px"}
+        return Plan(name, load_digits(d.templates, cfg.limit), d.images_per_prompt, (d.resolution, d.resolution),
+                    out / name, scorer, {"rules": rules})
     w = cfg.wise
     from evals.wise.judge import OFFICIAL_JUDGES, judge_prompt
 
@@ -246,8 +257,10 @@ def run_generation(cfg: EvalConfig, plans: list[Plan], folder: Path, device: str
 
 
 def _scorer_actor(plan: Plan, cfg: EvalConfig, device: str, threads: int) -> tuple[type, tuple]:
-    from evals.scorers import DPGScorer, GenEvalScorer, WISEScorer
+    from evals.scorers import DigitsScorer, DPGScorer, GenEvalScorer, WISEScorer
 
+    if plan.name == "digits":
+        return DigitsScorer, (dataclasses.asdict(plan.extra["rules"]), threads)
     if plan.name == "geneval":
         return GenEvalScorer, (plan.extra["config"], plan.extra["object_names"], device, threads)
     if plan.name == "dpg":
@@ -319,13 +332,17 @@ def summarize(cfg: EvalConfig, plan: Plan, ckpt: Path, folder: Path, gen: dict, 
             res = aggregate.geneval(plan.items, nfe, latest, plan.n_images)
         elif plan.name == "dpg":
             res = aggregate.dpg(plan.items, nfe, latest, plan.extra["rows"], cfg.dpg.mode)
+        elif plan.name == "digits":
+            res = aggregate.digits(plan.items, nfe, latest, plan.extra["rules"])
         else:
             res = aggregate.wise(plan.items, nfe, latest, cfg.wise.protocol)
         res["coverage"] = aggregate.coverage(plan.items, nfe, latest, generated, gen_errors)
         per_nfe[str(nfe)] = res
     return {"benchmark": plan.name, "label": protocol_label(plan.name, plan.scorer), "checkpoint": str(ckpt),
             "pipeline": str(folder), "prompts": len(plan.items), "subset": cfg.limit > 0, "generation": gen,
-            "scorer": plan.scorer, "nfe": per_nfe, "references": references(plan.name, cfg.wise.protocol),
+            "scorer": plan.scorer, "nfe": per_nfe,
+            "references": (digits_references(plan.extra["rules"]) if plan.name == "digits"
+                           else references(plan.name, cfg.wise.protocol)),
             "pool": pools, "stage_errors": errors, "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
@@ -338,7 +355,8 @@ def _grid_rows(cfg: EvalConfig, plan: Plan) -> list[tuple[str, list[Path]]]:
 def evaluate(cfg: EvalConfig, checkpoint: str | Path | None = None, hooks: Hooks | None = None) -> dict[str, dict]:
     """Evaluate one checkpoint on every configured benchmark and NFE; returns results per benchmark."""
     hooks = hooks or Hooks()
-    data_root = resolve_data_root(cfg.data_root)
+    # Only the file benchmarks need the benchmarks folder (digits makes its own prompts).
+    data_root = resolve_data_root(cfg.data_root) if set(cfg.benchmarks) & set(FILE_BENCHMARKS) else None
     cfg = resolve_model_names(dataclasses.replace(cfg, checkpoint=str(checkpoint or cfg.checkpoint)), data_root)
     ckpt = Path(cfg.checkpoint)
     check_checkpoint_files(ckpt)

@@ -6,6 +6,7 @@ Record: {"benchmark", "nfe", "key", "status": "scored" | "skipped" | "failed", "
   GenEval data: {"tag", "images": [{"index", "correct", "reason", "detected": {class: n}}]}
   DPG data:     {"tile_size", "tiles": [{qid: answer}, ...]}  (all CSV questions; modes are applied later)
   WISE data:    {"category", "score", "grades" | "binary", "attempts", "reply"} or the skip reason
+  digits data:  {"label", "key", "images": [{"index", "pred", "conf", "correct", "digit": [64 values]}]}
 The numbers are computed centrally from these records (``evals.aggregate``), never averaged per shard.
 """
 
@@ -116,6 +117,35 @@ class DPGScorer:
             try:
                 out.append(_record(task, "scored", self._score(task), t0=t0))
             except Exception as exc:  # noqa: BLE001
+                out.append(_record(task, "failed", error=_error(exc), t0=t0))
+        return out
+
+
+class DigitsScorer:
+    """The digits benchmark (evals/digits/rules.py): a classifier and feature space fitted on real digits."""
+
+    def __init__(self, rules: dict[str, Any], num_threads: int = 0):
+        from evals.digits.rules import DigitsRules, judge_for
+
+        _set_threads(num_threads)
+        self.rules = DigitsRules(**rules)
+        judge_for(self.rules)  # fit once, now
+
+    def ready(self) -> dict[str, Any]:
+        return {"pid": os.getpid()}
+
+    def process(self, tasks: list[dict]) -> list[dict]:
+        from evals.digits.rules import score_images
+
+        out = []
+        for task in tasks:
+            t0 = time.time()
+            try:
+                label = int(task["meta"]["label"])
+                images = [layout.decode(b) for b in task["images"]]
+                data = {"label": label, "key": task["key"], "images": score_images(images, label, self.rules)}
+                out.append(_record(task, "scored", data, t0=t0))
+            except Exception as exc:  # noqa: BLE001 - a bad image fails its prompt, not the shard
                 out.append(_record(task, "failed", error=_error(exc), t0=t0))
         return out
 

@@ -7,9 +7,9 @@ pytorch_lora_weights.safetensors, the target-time embedder E2, a ComfyUI file), 
 of its final/ or newest checkpoint). No GPU and no Ray needed: DeepSpeed's offline consolidation
 runs on CPU. Tiny, after ``python jobs/train_qwen.py`` (the CPU demo)::
 
-    python jobs/export.py --checkpoint runs/tiny-digits/checkpoint_step_00000120 --dry-run
-    python jobs/export.py --checkpoint runs/tiny-digits/checkpoint_step_00000120 --use-ema
-    python jobs/export.py --checkpoint runs/tiny-digits/final --out /tmp/tiny-export --default-steps 1
+    python jobs/export.py --checkpoint runs/digits-twinflow/checkpoint_step_00000800 --dry-run
+    python jobs/export.py --checkpoint runs/digits-twinflow/checkpoint_step_00000800 --use-ema
+    python jobs/export.py --checkpoint runs/digits-twinflow/final --out /tmp/digits-export --default-steps 1
 
 On a cluster (the run's storage must be a path the job's node sees, e.g. a shared mount)::
 

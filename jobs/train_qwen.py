@@ -1,13 +1,16 @@
 """Train Qwen-Image into a 1–2 step generator with TwinFlow, on Ray Train + DeepSpeed ZeRO.
 
-Without arguments it runs the tiny CPU demo end to end (``make demo``): local Ray, a random-weight
-tiny Qwen-Image built into ~/.cache/twinflow, scikit-learn's handwritten digits as image-text
-data, 2 CPU workers with DeepSpeed ZeRO-2 (gloo) training a LoRA, checkpoints under ./runs/,
-and at the end ./runs/tiny-digits/final/ with a sample grid at 1/2/4 NFE (samples.png) and a
-ready-to-load TwinFlowQwenImagePipeline folder::
+Without arguments it runs the CPU demo end to end (``make demo``, ~4 min on 2 cores): TwinFlow
+distils the pretrained digits base (``model.path: digits-base``, built into $TWINFLOW_CACHE on first
+use, ~6.5 min: jobs/build_base.py) from its latent cache on local Ray, 2 CPU workers with DeepSpeed
+ZeRO-2 (gloo) training a LoRA with a LoRA-EMA teacher, checkpoints under ./runs/, and at the end
+./runs/digits-twinflow/final/ with samples.png (the base at 100 and 1 NFE beside TwinFlow at 1/2/4),
+a ready-to-load TwinFlowQwenImagePipeline folder, and the digits probe's table on stderr::
 
     python jobs/train_qwen.py
-    python jobs/train_qwen.py --set run.max_steps=20 --set run.name=quick      # shorter
+    python jobs/train_qwen.py --preset digits-full                             # full-parameter
+    python jobs/train_qwen.py --set run.max_steps=200 --set run.name=quick     # shorter
+    python jobs/train_qwen.py --preset tiny                                    # random tiny model: plumbing
     python jobs/train_qwen.py --dry-run                                        # config + batch plan
 
 On a cluster (see cluster/README.md; S3 credentials from AWS_* variables, MLflow from
@@ -46,7 +49,7 @@ from twinflow.train.plan import dry_run_report, format_batch_plan  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_config_args(parser, PRESETS, "tiny")
+    add_config_args(parser, PRESETS, "digits")
     args = parser.parse_args(argv)
     cfg = resolve_config(TrainConfig, args, PRESETS)
 
@@ -72,8 +75,22 @@ def main(argv: list[str] | None = None) -> int:
         return fail(exc, 3)
     except KeyboardInterrupt:
         return interrupted(f"the same command (run {cfg.run.name} in {cfg.run.storage_path})")
+    if outcome.summary.get("digits"):
+        print(digits_table(outcome.summary["digits"]), file=sys.stderr)
     print(json.dumps({"run": outcome.run_uri, "seconds": round(outcome.seconds, 1), **outcome.summary}, default=str))
     return 0
+
+
+def digits_table(scores: dict) -> str:
+    """The digits probe as a short table: the starting model (base) against the trained one."""
+    rows = [("base", n, q) for n, q in scores["base"].items()] + [("trained", n, q) for n, q in scores["trained"].items()]
+    fmt = lambda v: "   –  " if v is None else f"{v:6.3f}"  # noqa: E731
+    lines = [f"digits probe (step {scores['step']}; 16 images per prompt)",
+             "model     NFE  accuracy  frechet  recall  diversity/real"]
+    for who, n, q in rows:
+        lines.append(f"{who:8s} {int(n):4d}   {fmt(q['accuracy'])}   {fmt(q['frechet'])}  {fmt(q['recall'])}  "
+                     f"{fmt(q['diversity_ratio'])}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

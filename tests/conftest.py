@@ -20,6 +20,9 @@ for p in reversed(_paths):
     if p not in sys.path:
         sys.path.insert(0, p)
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Named models (tiny, the digits base) are built on first use into $TWINFLOW_CACHE: keep the suite's
+# own copies beside it (a clean clone builds them once per session; local reruns reuse them).
+os.environ.setdefault("TWINFLOW_CACHE", str(ROOT / ".pytest_cache" / "twinflow"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -26,10 +26,31 @@ def _job(name: str, *args: str, timeout: int = 300, env: dict | None = None) -> 
                           env={**os.environ, **(env or {})})
 
 
-def _one_error_line(proc: subprocess.CompletedProcess) -> str:
+def _one_error_line(proc) -> str:
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("error: ")]
     assert len(lines) == 1, proc.stderr[-2000:]
     return lines[0]
+
+
+class _Ran:
+    def __init__(self, returncode: int, out: str, err: str):
+        self.returncode, self.stdout, self.stderr = returncode, out, err
+
+
+def _main(name: str, capsys, *args: str) -> _Ran:
+    """A job's main(argv) in this process (the session's Ray), output captured like a subprocess's."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"job_{name}", ROOT / "jobs" / name)
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    capsys.readouterr()
+    try:
+        code = job.main(list(args))
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return _Ran(code, out, err)
 
 
 class _RunsCode:
@@ -201,19 +222,19 @@ def test_truncated_files_are_one_line_naming_the_file(tmp_path, tiny_qwen_image,
     assert len(ex.stderr.strip().splitlines()) == 1
 
 
-def test_tiny_evaluate_completes_and_stage_errors_are_printed(tmp_path, benchmarks):
+def test_tiny_evaluate_completes_and_stage_errors_are_printed(tmp_path, benchmarks, ray_local, capsys):
     """The README's tiny command exits 0 (the tiny WISE judge answers in the judge's format); a stage
     that cannot run is printed with its reason and written to results.md, exit 3."""
     out = tmp_path / "eval"
-    ok = _job("evaluate.py", "--preset", "tiny", "--set", f"data_root={benchmarks}", "--set", f"output_dir={out}",
-              "--limit", "2", "--nfe", "1", timeout=600)
+    ok = _main("evaluate.py", capsys, "--preset", "tiny", "--set", f"data_root={benchmarks}", "--set",
+               f"output_dir={out}", "--limit", "2", "--nfe", "1")
     assert ok.returncode == 0, ok.stderr[-3000:]
     wise = json.loads((out / "wise" / "results.json").read_text())
     assert wise["nfe"]["1"]["coverage"]["scored"] == 2 and wise["scorer"]["reply"] == "constrained"
 
-    broken = _job("evaluate.py", "--preset", "tiny", "--set", f"data_root={benchmarks}", "--set",
-                  f"output_dir={tmp_path / 'eval2'}", "--limit", "2", "--nfe", "1", "--benchmarks", "geneval",
-                  "--set", f"geneval.clip={tmp_path / 'no-such-clip'}", timeout=600)
+    broken = _main("evaluate.py", capsys, "--preset", "tiny", "--set", f"data_root={benchmarks}", "--set",
+                   f"output_dir={tmp_path / 'eval2'}", "--limit", "2", "--nfe", "1", "--benchmarks", "geneval",
+                   "--set", f"geneval.clip={tmp_path / 'no-such-clip'}")
     assert broken.returncode == 3
     line = _one_error_line(broken)
     assert line.startswith("error: geneval: ") and "failed to start" in line
@@ -232,12 +253,12 @@ def test_precache_dry_run_errors_exit_2(tmp_path):
     assert proc.returncode == 2 and "missing" in _one_error_line(proc)
 
 
-def test_preset_names_take_dashes_or_underscores():
-    a = _job("plan.py", "--preset", "qwen_image_lora_512", "--json")
-    b = _job("plan.py", "--preset", "qwen-image-lora-512", "--json")
+def test_preset_names_take_dashes_or_underscores(capsys):
+    a = _main("plan.py", capsys, "--preset", "qwen_image_lora_512", "--json")
+    b = _main("plan.py", capsys, "--preset", "qwen-image-lora-512", "--json")
     assert a.returncode == b.returncode == 0, a.stderr[-2000:]
     assert json.loads(a.stdout.splitlines()[-1]) == json.loads(b.stdout.splitlines()[-1])
-    t = _job("train_qwen.py", "--preset", "qwen_image_lora", "--dry-run")
+    t = _main("train_qwen.py", capsys, "--preset", "qwen_image_lora", "--dry-run")
     assert t.returncode == 0 and "name: qwen-image-lora" in t.stdout
 
 

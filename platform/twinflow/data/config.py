@@ -69,6 +69,14 @@ class DatasetConfig:
     bad_share_limit: float = 0.05
     """A shard whose skipped share exceeds this stops the job with a message naming it."""
 
+    # --- epochs after the first (latent caches) ----------------------------------------------
+    memory_epochs: Literal["auto", "on", "off"] = "auto"
+    """Epoch 1 streams through Ray Data; later epochs replay this rank's rows from memory in a new
+    seeded order each epoch (no re-reading, and a shuffle, which plain streaming lacks). auto: on for
+    a latent cache whose rows take at most ``memory_epochs_max_gib`` per rank (small data sets, where
+    restarting the stream every few steps would cost more than the training)."""
+    memory_epochs_max_gib: float = 1.0
+
     # --- Ray Data decode stage ---------------------------------------------------------------
     decode_batch_rows: int = 64
     """Rows per block yielded by a shard-decode task (memory per in-flight block)."""

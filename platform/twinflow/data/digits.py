@@ -34,6 +34,14 @@ def caption_for(label: int, index: int = 0) -> str:
     return CAPTION_TEMPLATES[index % len(CAPTION_TEMPLATES)].format(NUMBER_WORDS[label])
 
 
+def digit_prompts(templates: int = len(CAPTION_TEMPLATES)) -> list[tuple[str, str, int]]:
+    """(key "<class>-<template>", caption, class) for every class × caption template, in a fixed order:
+    the prompts of the digits benchmark (evals/digits) and of the training probe ``probe.kind: digits``."""
+    if not 1 <= templates <= len(CAPTION_TEMPLATES):
+        raise ValueError(f"templates must be in [1, {len(CAPTION_TEMPLATES)}], got {templates}")
+    return [(f"{c}-{k}", caption_for(c, k), c) for c in range(len(NUMBER_WORDS)) for k in range(templates)]
+
+
 def digit_images(n: int, size: int = 32, offset: int = 0,
                  aspects: tuple[float, ...] = (1.0,)) -> list[tuple[int, "PIL.Image.Image"]]:  # noqa: F821
     """``n`` (label, RGB image) pairs from sklearn's digits, cycling if n > 1797; image i is

@@ -61,6 +61,7 @@ class QwenImageEncoder:
             self.pipe.vae.eval().requires_grad_(False)
         if load_text:
             self.pipe.text_encoder.eval().requires_grad_(False)
+            qwen_encode.skip_unused_logits(self.pipe.text_encoder)
 
     # ------------------------------------------------------------------ images
 

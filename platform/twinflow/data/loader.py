@@ -26,6 +26,7 @@ no CPU and the run hangs (ENVIRONMENT.md §5).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterator, Literal
 
@@ -54,6 +55,8 @@ class BatchSpec:
     max_sequence_length: int = 512
     equalize: bool = False
     """All-reduce per step so every rank stops at the same step (on by default for buckets)."""
+    memory_epochs: bool = False
+    """Replay epochs after the first from memory, reshuffled (DatasetConfig.memory_epochs)."""
     drop_last: bool = True
     prefetch_batches: int = 2
 
@@ -80,9 +83,18 @@ class TrainingData:
         return list(self.manifest.shards) if self.manifest is not None else []
 
 
+def _memory_epochs(cfg: DatasetConfig, manifest, world_size: int) -> bool:
+    if cfg.memory_epochs != "auto":
+        return cfg.memory_epochs == "on"
+    elem = 2 if manifest.dtype in ("bfloat16", "float16") else 4
+    latent = max((math.prod(s) for s in manifest.latent_shapes), default=0)
+    per_row = elem * (latent + (manifest.embed_dim or 0) * manifest.max_prompt_len) + 200
+    return manifest.rows * per_row / max(1, world_size) <= cfg.memory_epochs_max_gib * 2**30
+
+
 def open_training_data(cfg: DatasetConfig, batch_size: int, *, model_path: str | None = None, filesystem=None,
                        encode_device: str = "auto", encode_dtype: str = "auto", max_sequence_length: int = 512,
-                       equalize: bool | None = None) -> TrainingData:
+                       equalize: bool | None = None, world_size: int = 1) -> TrainingData:
     """The Ray Dataset and BatchSpec for ``cfg.source``: a latent cache or raw shards (then ``model_path``
     names the pipeline whose VAE and text encoder run inside each Train worker)."""
     fs, root = filesystem_for(cfg.source, filesystem)
@@ -91,7 +103,8 @@ def open_training_data(cfg: DatasetConfig, batch_size: int, *, model_path: str |
         ds, manifest = read_latent_cache(cfg.source, fs)
         buckets = len(manifest.latent_shapes) > 1
         spec = BatchSpec(kind="cache", batch_size=batch_size, cache_dtype=manifest.dtype,
-                         equalize=buckets if equalize is None else equalize)
+                         equalize=buckets if equalize is None else equalize,
+                         memory_epochs=not buckets and _memory_epochs(cfg, manifest, world_size))
         return TrainingData(ds, spec, manifest=manifest)
     if not model_path:
         raise ValueError("raw image-text data is encoded inside the Train workers: pass model_path (the "

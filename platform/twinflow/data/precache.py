@@ -125,9 +125,9 @@ class PrecacheResult:
 
 def resolve_model_path(path: str, build: bool = True) -> str:
     """``"tiny"`` -> the random-weight test model's folder (built on first use); other paths unchanged."""
-    from twinflow.models.tiny_qwen import resolve_tiny_model
+    from twinflow.named import resolve_model
 
-    return resolve_tiny_model(path, build=build)
+    return resolve_model(path, build=build)
 
 
 def vae_info(model_path: str) -> dict:

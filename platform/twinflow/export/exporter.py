@@ -45,12 +45,12 @@ def resolve_base_model(source: Source, override: str = "") -> str:
     """The base pipeline to build on: ``override``, else the run's model.path (tiny test models are
     rebuilt from their preset, deterministically); a local path must exist."""
     from twinflow.models.config import _HUB_ID
-    from twinflow.train.prepare import TINY_MODELS, resolve_model_path
+    from twinflow.named import is_named_model, resolve_model
 
     path = override or source.config.model.path
     flag = "--base-model" if override else "the run's model.path"
-    if path in TINY_MODELS and not Path(path).exists():
-        return resolve_model_path(path)
+    if is_named_model(path) and not Path(path).exists():
+        return resolve_model(path)
     local = Path(path).expanduser()
     if local.exists():
         if not (local / "model_index.json").is_file():

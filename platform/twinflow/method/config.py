@@ -44,6 +44,11 @@ class TwinFlowConfig:
     one_step_rcgm: bool = True
     """One-step rows also carry the RCGM target at (1, 0), as in the reference."""
 
+    # --- condition dropout (classifier-free guidance training) -----------------------------
+    cond_dropout: float = 0.0
+    """Share of real rows whose condition is replaced by the unconditional one, so the model also
+    learns f(x | ∅), which CFG (and the enhancement below) needs; 0.1 is the usual pretraining value."""
+
     # --- CFG enhancement of the target (METHOD.md §3.2) -----------------------------------
     enhance_ratio: float = 0.8
     """w_e (0.8 for self/EMA teachers, 4.0 for a frozen one): v ← v + w_e·(f̄(t,t|c) − f̄(t,t|∅)) on real rows with t strictly inside enhance_range."""
@@ -80,6 +85,7 @@ class TwinFlowConfig:
         require(0 <= self.any_step_ratio <= 1, f"{p}.any_step_ratio", "must be in [0, 1]")
         require(self.rectify_coef >= 0, f"{p}.rectify_coef", "must be >= 0")
         require(self.enhance_ratio >= 0, f"{p}.enhance_ratio", "must be >= 0")
+        require(0 <= self.cond_dropout < 1, f"{p}.cond_dropout", f"must be in [0, 1), got {self.cond_dropout}")
         lo, hi = self.enhance_range
         require(0 <= lo < hi <= 1, f"{p}.enhance_range", f"must satisfy 0 <= lo < hi <= 1, got {self.enhance_range}")
         a, b, s = self.time_dist

@@ -26,7 +26,7 @@ from twinflow.method.blocks import BLOCK_NAMES, Block, LossNorm
 from twinflow.method.config import TwinFlowConfig
 from twinflow.method.losses import sample_loss, time_weight
 from twinflow.method.path import endpoints, expand_time, interpolate, velocity
-from twinflow.method.rows import rand, randn_like, sample_time, select_rows
+from twinflow.method.rows import mix_rows, rand, randn_like, sample_time, select_rows
 from twinflow.method.teacher import SelfTeacher, Teacher, VelocityFn
 
 
@@ -121,6 +121,12 @@ class TwinFlowObjective:
         one, near, anyb, fake = (block_ids == b for b in Block)
         real = ~fake
         stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        if cfg.cond_dropout > 0:
+            if uncond is None:
+                raise ValueError("twinflow.cond_dropout > 0 needs the unconditional condition (uncond)")
+            # Every later use (rollouts, the enhancement's conditional pass) sees the dropped condition too.
+            cond = mix_rows(cond, uncond, real & (rand(n, generator, dev) < cfg.cond_dropout))
 
         with torch.no_grad():
             t = sample_time(n, cfg.time_dist, generator, dev)

@@ -25,6 +25,35 @@ def select_rows(cond: Any, rows: torch.Tensor) -> Any:
     raise TypeError(f"cannot select rows of a condition of type {type(cond).__name__}")
 
 
+def mix_rows(cond: Any, other: Any, rows: torch.Tensor) -> Any:
+    """cond with the rows in ``rows`` (bool mask [B]) taken from ``other`` (same structure, same batch).
+
+    Sequence tensors ([B, L, ...]) of different lengths are zero-padded to the longer one first, so a
+    padded prompt embedding and its mask (0 = padding) stay a valid pair for either source.
+    """
+    if cond is None:
+        return None
+    if isinstance(cond, torch.Tensor):
+        a, b = cond, other.to(cond.dtype)
+        if a.dim() >= 2 and a.shape[1] != b.shape[1]:
+            length = max(a.shape[1], b.shape[1])
+            a, b = _pad_dim1(a, length), _pad_dim1(b, length)
+        keep = rows.reshape(-1, *([1] * (a.dim() - 1))).to(a.device)
+        return torch.where(keep, b, a)
+    if isinstance(cond, dict):
+        return {k: mix_rows(v, other[k], rows) for k, v in cond.items()}
+    if isinstance(cond, (list, tuple)):
+        return type(cond)(mix_rows(v, o, rows) for v, o in zip(cond, other))
+    raise TypeError(f"cannot mix rows of a condition of type {type(cond).__name__}")
+
+
+def _pad_dim1(x: torch.Tensor, length: int) -> torch.Tensor:
+    if x.shape[1] == length:
+        return x
+    pad = x.new_zeros(x.shape[0], length - x.shape[1], *x.shape[2:])
+    return torch.cat([x, pad], dim=1)
+
+
 def randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 

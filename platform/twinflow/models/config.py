@@ -19,16 +19,15 @@ from twinflow.config.errors import require
 from twinflow.models.lora import LoraSettings
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
-# Names of tiny_qwen.TINY_PRESETS: jobs build these random-weight models into a cache folder.
-_TINY_NAMES = ("tiny", "tiny-qwen")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass
 class QwenImageModelConfig:
     path: str = "Qwen/Qwen-Image"
-    """A diffusers Qwen-Image pipeline: local folder or hub id (a TwinFlow export works too); "tiny" /
-    "tiny-qwen" name the random-weight test models that jobs build on first use."""
+    """A diffusers Qwen-Image pipeline: local folder or hub id (a TwinFlow export works too), or a name of
+    twinflow.named that jobs build on first use: tiny / tiny-qwen (random weights), digits-base (the
+    miniature paper's pretrained digits base)."""
     subfolder: str = "transformer"
     mode: Literal["lora", "full"] = "lora"
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -47,8 +46,10 @@ class QwenImageModelConfig:
         p = path or "model"
         require(bool(self.path), f"{p}.path", "set it to a diffusers Qwen-Image folder or hub id (Qwen/Qwen-Image)")
         local = Path(self.path).expanduser()
-        if self.path in _TINY_NAMES and not local.exists():
-            pass  # a random-weight test model the job builds on first use (models/tiny_qwen.py)
+        from twinflow.named import is_named_model
+
+        if is_named_model(self.path) and not local.exists():
+            pass  # a named model the job builds on first use (twinflow/named.py)
         elif local.exists():
             require(local.is_dir() and ((local / "model_index.json").exists()
                                         or (local / self.subfolder / "config.json").exists()),

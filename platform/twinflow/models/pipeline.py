@@ -70,8 +70,10 @@ class TwinFlowQwenImagePipeline(QwenImagePipeline):
     def __init__(self, scheduler: FlowMatchEulerDiscreteScheduler, vae: AutoencoderKLQwenImage, text_encoder,
                  tokenizer, transformer: TwinFlowQwenImageTransformer2DModel,
                  sampler_presets: dict | None = None, default_steps: int = DEFAULT_STEPS):
-        super().__init__(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                         transformer=transformer)
+        from twinflow.models.qwen_encode import skip_unused_logits
+
+        super().__init__(scheduler=scheduler, vae=vae, text_encoder=skip_unused_logits(text_encoder),
+                         tokenizer=tokenizer, transformer=transformer)
         self.register_to_config(sampler_presets=_presets_to_json(sampler_presets or default_sampler_presets()),
                                 default_steps=int(default_steps))
 

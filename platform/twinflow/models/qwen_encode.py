@@ -28,20 +28,35 @@ MAX_SEQUENCE_LENGTH = 1024  # QwenImagePipeline.check_inputs refuses more
 # ---------------------------------------------------------------------------
 
 
+def skip_unused_logits(text_encoder):
+    """Make the text encoder compute language-model logits for the last token only.
+
+    ``QwenImagePipeline.encode_prompt`` reads hidden states, but calls the full causal LM, whose head
+    maps every token to 152k vocabulary logits: for 512 tokens that is ~310 MB of fp32 per prompt and
+    most of the encoder's time at small widths (45× faster for the tiny one; identical embeddings).
+    A forward pre-hook passes ``logits_to_keep=1``; idempotent; returns the encoder."""
+    if text_encoder is not None and not getattr(text_encoder, "_twinflow_last_logits", False):
+        text_encoder.register_forward_pre_hook(lambda module, args, kwargs: (args, {**kwargs, "logits_to_keep": 1}),
+                                               with_kwargs=True)
+        text_encoder._twinflow_last_logits = True
+    return text_encoder
+
+
 def text_encoding_pipeline(text_encoder, tokenizer):
     """A ``QwenImagePipeline`` holding only the text side, for ``encode_prompts``."""
     from diffusers import QwenImagePipeline
 
-    return QwenImagePipeline(scheduler=None, vae=None, text_encoder=text_encoder, tokenizer=tokenizer,
-                             transformer=None)
+    return QwenImagePipeline(scheduler=None, vae=None, text_encoder=skip_unused_logits(text_encoder),
+                             tokenizer=tokenizer, transformer=None)
 
 
 def load_text_encoding_pipeline(path_or_hub_id: str, torch_dtype: torch.dtype | None = None, **kwargs):
     """Load only text_encoder + tokenizer of a Qwen-Image pipeline folder or hub id."""
     from diffusers import QwenImagePipeline
 
-    return QwenImagePipeline.from_pretrained(path_or_hub_id, transformer=None, vae=None, dtype=torch_dtype,
-                                             **kwargs)
+    pipe = QwenImagePipeline.from_pretrained(path_or_hub_id, transformer=None, vae=None, dtype=torch_dtype, **kwargs)
+    skip_unused_logits(pipe.text_encoder)
+    return pipe
 
 
 def _as_pipeline(pipe_or_components: Any):

@@ -169,3 +169,17 @@ def resolve_tiny_model(path: str, build: bool = True) -> str:
         build_once(target, "tiny_preset.json", lambda tmp: build_tiny_qwen_image(tmp, path, seed=0))
     return str(target)
 
+
+
+def named_tiny(name: str, build: bool = True) -> str:
+    """twinflow.named provider for ``tiny`` / ``tiny-qwen``."""
+    return resolve_tiny_model(name, build=build)
+
+
+def named_architecture(name: str) -> dict:
+    """The transformer config ``build_tiny_qwen_image(preset=name)`` writes (same constructor arguments)."""
+    s = TINY_PRESETS[name]
+    return {"patch_size": 2, "in_channels": 4 * s.z_dim, "out_channels": s.z_dim, "num_layers": s.num_layers,
+            "attention_head_dim": s.attention_head_dim, "num_attention_heads": s.num_attention_heads,
+            "joint_attention_dim": s.text_hidden, "guidance_embeds": False,
+            "axes_dims_rope": [s.attention_head_dim // 2, s.attention_head_dim // 4, s.attention_head_dim // 4]}

@@ -30,13 +30,9 @@ from twinflow.plan.inputs import PlanInputs
 
 def tiny_architecture(preset: str = "tiny") -> dict[str, Any]:
     """The transformer config ``build_tiny_qwen_image(preset=...)`` writes (same constructor arguments)."""
-    from twinflow.models.tiny_qwen import TINY_PRESETS
+    from twinflow.models.tiny_qwen import named_architecture
 
-    s = TINY_PRESETS[preset]
-    return {"patch_size": 2, "in_channels": 4 * s.z_dim, "out_channels": s.z_dim, "num_layers": s.num_layers,
-            "attention_head_dim": s.attention_head_dim, "num_attention_heads": s.num_attention_heads,
-            "joint_attention_dim": s.text_hidden, "guidance_embeds": False,
-            "axes_dims_rope": [s.attention_head_dim // 2, s.attention_head_dim // 4, s.attention_head_dim // 4]}
+    return named_architecture(preset)
 
 
 def qwen_image_lora_512() -> PlanInputs:

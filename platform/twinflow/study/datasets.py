@@ -37,6 +37,35 @@ def load_digits() -> Digits:
     return Digits(images=images, labels=torch.tensor(d.target, dtype=torch.long))
 
 
+def images_to_digits(images) -> np.ndarray:
+    """Generated or real images -> the digits' own space: [N, 64] float in [−1, 1].
+
+    ``images``: PIL images, or uint8 arrays [N, H, W] / [N, H, W, 3] with H, W multiples of 8. Grey is
+    the channel mean; 8×8 is an area average over (H/8)×(W/8) blocks, so a 32-px rendering of a digit
+    comes back to (nearly) the 8×8 scan it was upscaled from.
+    """
+    if isinstance(images, (list, tuple)):
+        images = np.stack([np.asarray(im.convert("L") if hasattr(im, "convert") else im) for im in images])
+    arr = np.asarray(images, dtype=np.float64)
+    if arr.ndim == 4:
+        arr = arr.mean(axis=3)
+    n, h, w = arr.shape
+    if h % 8 or w % 8:
+        raise ValueError(f"digit images must have sides that are multiples of 8, got {h}x{w}")
+    small = arr.reshape(n, 8, h // 8, 8, w // 8).mean(axis=(2, 4))
+    return (small / 127.5 - 1.0).reshape(n, 64)
+
+
+def load_digits_at(size: int) -> Digits:
+    """The real digits as a size-px pipeline sees them, brought back to 8×8 (``images_to_digits``): the
+    reference set for judging generated images of that size, with the same resampling losses."""
+    from twinflow.data.digits import digit_images
+
+    pairs = digit_images(1797, size=size)
+    images = torch.tensor(images_to_digits([im for _, im in pairs]), dtype=torch.float32)
+    return Digits(images=images, labels=torch.tensor([label for label, _ in pairs], dtype=torch.long))
+
+
 def digits_to_uint8(x: torch.Tensor) -> np.ndarray:
     """[N, 64] in [−1, 1] -> [N, 8, 8] uint8 for image grids."""
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).reshape(-1, 8, 8).numpy()

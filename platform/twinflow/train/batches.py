@@ -7,6 +7,11 @@ the same order every epoch and after every restart, see train/trainer.py). The p
 decoding or encoding them, and continues with exactly the batch the interrupted run would have
 used next.
 
+Memory epochs (``spec.memory_epochs``, small latent caches): epoch 0 streams and keeps this rank's
+rows; every later epoch replays them from memory in the order of a permutation seeded by (run
+seed, rank, epoch), so a resumed run at (epoch, index) rebuilds exactly the same batches (after
+one streamed pass to refill memory) and Ray Data is not restarted every few steps.
+
 Batches follow the data layer's training-batch contract (twinflow.data.loader): a latent cache
 is decoded, raw image-text rows are encoded here by the pipeline's own VAE and text encoder
 (``cached_encoder``, small models only).
@@ -37,11 +42,16 @@ class DataStopped(RuntimeError):
 
 class MicroBatches:
     def __init__(self, shard, spec: BatchSpec, device: torch.device, epoch: int = 0, index: int = 0,
-                 world: int = 1):
+                 world: int = 1, rank: int = 0, seed: int = 0):
         self.shard = shard
         self.spec = spec
         self.device = device
         self.world = world
+        self.rank = rank
+        self.seed = seed
+        self._kept: list[dict] | None = [] if spec.memory_epochs else None
+        """memory epochs: the grouped rows of epoch 0 (while it streams), then all of them as columns."""
+        self._memory: dict[str, list] | None = None
         self.epoch = epoch
         self.index = index
         """Index in the epoch of the next micro-batch."""
@@ -49,10 +59,31 @@ class MicroBatches:
         """Seconds spent waiting for data (reading, decoding, encoding) since the last ``take_wait``."""
         self._rows: Iterator[dict] | None = None
 
-    def _open(self) -> None:
+    def _stream(self, keep: bool = False) -> Iterator[dict]:
         raw = self.shard.iter_batches(batch_size=self.spec.batch_size, batch_format="numpy",
                                       drop_last=self.spec.drop_last, prefetch_batches=self.spec.prefetch_batches)
-        self._rows = iter_rows_by_shape(raw, self.spec.batch_size, self.spec.kind)
+        for rows in iter_rows_by_shape(raw, self.spec.batch_size, self.spec.kind):
+            if keep:
+                self._kept.append(rows)
+            yield rows
+
+    def _replayed(self) -> Iterator[dict]:
+        """Epoch ``self.epoch`` from memory: the kept rows in a seeded order, whole micro-batches only."""
+        if self._memory is None:  # resumed after epoch 0: stream it once more to refill memory
+            self._memory = _columns(list(self._stream()))
+        n = len(next(iter(self._memory.values())))
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.rank * 7_919 + self.epoch) % 2**63)
+        order = torch.randperm(n, generator=gen).tolist()
+        size = self.spec.batch_size
+        for start in range(0, n - size + 1, size):
+            idx = order[start:start + size]
+            yield {k: [col[i] for i in idx] for k, col in self._memory.items()}
+
+    def _open(self) -> None:
+        if self._kept is not None and self.epoch >= 1:
+            self._rows = self._replayed()
+        else:  # epoch 0 of memory epochs keeps what it streams (skipped batches of a resume included)
+            self._rows = self._stream(keep=self._kept is not None and self._memory is None)
         for skipped in range(self.index):
             if next(self._rows, None) is None:
                 raise RuntimeError(f"resuming at micro-batch {self.index} of epoch {self.epoch}, but this rank's "
@@ -93,6 +124,9 @@ class MicroBatches:
         if self.index == 0:
             return (f"this rank's data shard holds no full micro-batch of {self.spec.batch_size} rows; add data or "
                     f"lower deepspeed.micro_batch_per_gpu")
+        if self._kept is not None and self.epoch == 0 and self._memory is None:
+            self._memory = _columns(self._kept)
+            self._kept = []
         self.epoch += 1
         self.index = 0
         self._rows = None
@@ -112,7 +146,10 @@ class MicroBatches:
                     if rows is None and error is None:
                         error = self._end_epoch()  # a whole epoch without one micro-batch: the error
             flag = FAILED if error else (HAVE if rows is not None else ENDED)
-            if self._agree(flag, error) == HAVE:
+            # Replayed epochs come from memory on every rank at once (same epoch, same index, no I/O):
+            # nothing can fail or end early there, so the collective is skipped.
+            replaying = self._kept is not None and self.epoch >= 1 and not self.spec.equalize
+            if (flag == HAVE and replaying) or self._agree(flag, error) == HAVE:
                 break
             error = self._end_epoch()  # equalize: some rank's bucketed epoch ended, so every rank's does
             if error:
@@ -126,3 +163,10 @@ class MicroBatches:
     def take_wait(self) -> float:
         w, self.wait_s = self.wait_s, 0.0
         return w
+
+
+def _columns(batches: list[dict]) -> dict[str, list]:
+    """Grouped row batches -> one list per column (the rows of a whole epoch)."""
+    if not batches:
+        raise DataStopped("memory epochs: the first epoch of this rank's data held no full micro-batch")
+    return {k: [v for b in batches for v in b[k]] for k in batches[0]}

@@ -192,7 +192,13 @@ class SampleSettings:
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     """Grid rows are (prompt, seed) pairs, the same every time so grids compare across steps."""
     nfe: list[int] = field(default_factory=lambda: [1, 2, 4])
-    """Grid columns: sampler steps, TwinFlow's released few-step grids (method/sampler.py)."""
+    """Grid columns: sampler steps (method/sampler.py)."""
+    sampler: Literal["few", "ode"] = "few"
+    """few: TwinFlow's released few-step grids; ode: Euler on the instantaneous velocity (r = t), the
+    sampler of a flow-matching model (pretraining a base)."""
+    base_nfe: list[int] = field(default_factory=list)
+    """Columns of the *starting* model (rendered once, before any step; Euler on r = t), left of the
+    trained ones, e.g. [100, 1]: what a distillation run starts from and what it must beat."""
     every: int = 0
     """Extra grids every N steps (0: none); a grid is always saved beside each checkpoint."""
     height: int = 1024
@@ -206,6 +212,7 @@ class SampleSettings:
         require(len(self.nfe) >= 1 and all(n >= 1 for n in self.nfe), f"{path}.nfe",
                 f"list step counts >= 1, e.g. [1, 2, 4]; got {self.nfe}")
         require(self.every >= 0, f"{path}.every", "must be >= 0")
+        require(all(n >= 1 for n in self.base_nfe), f"{path}.base_nfe", f"list step counts >= 1, got {self.base_nfe}")
         for name in ("height", "width"):
             v = getattr(self, name)
             require(v >= 16 and v % 16 == 0, f"{path}.{name}", f"must be a positive multiple of 16, got {v}")
@@ -238,17 +245,31 @@ class ProbeSettings:
                the 1-NFE sample and a ``reference_nfe``-step ODE sample of the same network from
                the same noise, on the fixed sample prompts × seeds (section ``sample``). It falls as
                the one-step generator agrees with the model's own many-step trajectory.
+      digits   the digits benchmark's numbers (twinflow.study.metrics.digits_quality: accuracy,
+               Fréchet distance, recall, within-prompt diversity against the real digits) of
+               ``images_per_prompt`` images per digit prompt at each of ``nfe``; for models of the
+               digits (the miniature paper, jobs/mini_paper.py), e.g. Tune's ``digits_frechet_1nfe``.
     Adding a kind: a value here and a branch in ``Worker.quality_probe`` (train/loop.py). A small
     GenEval subset would be such a kind (generate the subset's prompts at 1 NFE on rank 0, score them
     with evals/geneval); it is not implemented: GenEval's detector needs its own GPU environment.
     """
 
-    kind: Literal["none", "nfe_gap"] = "none"
+    kind: Literal["none", "nfe_gap", "digits"] = "none"
     reference_nfe: int = 16
-    """Steps of the reference sample (Euler on the instantaneous velocity, r = t)."""
+    """nfe_gap: steps of the reference sample (Euler on the instantaneous velocity, r = t)."""
+    nfe: list[int] = field(default_factory=lambda: [1])
+    """digits: sampler steps scored (TwinFlow's few-step sampler); metrics ``digits_<name>_<n>nfe``."""
+    images_per_prompt: int = 16
+    """digits: images per prompt (every class × caption template of twinflow.data.digits)."""
+    base_nfe: list[int] = field(default_factory=list)
+    """digits: also score the starting model once (before any step, Euler on r = t) at these steps;
+    reported in the run summary next to the final scores, e.g. [100, 1]."""
 
     def validate(self, path: str = "probe") -> None:
         require(self.reference_nfe >= 2, f"{path}.reference_nfe", f"must be >= 2, got {self.reference_nfe}")
+        require(bool(self.nfe) and all(n >= 1 for n in self.nfe + self.base_nfe), f"{path}.nfe",
+                "list step counts >= 1")
+        require(self.images_per_prompt >= 2, f"{path}.images_per_prompt", "must be >= 2 (diversity needs pairs)")
 
 
 @dataclass

@@ -39,10 +39,12 @@ from pathlib import Path
 import torch
 
 from twinflow.config.tree import from_dict, to_dict
+from twinflow.data.digits import digit_prompts
 from twinflow.data.sources import BadDataError
 from twinflow.files import FileProblem, one_line
 from twinflow.method.blocks import LossNorm, allocate_micro_batch
 from twinflow.method.objective import TwinFlowObjective
+from twinflow.method.sampler import few_step, ode
 from twinflow.models.qwen_encode import expand_condition
 from twinflow.train.batches import DataStopped, MicroBatches
 from twinflow.train.config import TrainConfig
@@ -75,6 +77,10 @@ class Worker:
         self.data_fs = payload.get("data_filesystem")
         self.mlflow_env = payload.get("mlflow_env")
         self.data_counts = payload.get("data_counts")
+        self._judge = None
+        self.base_scores: dict[int, dict] = {}
+        self.last_scores: tuple[int, dict] | None = None
+        """(step, {nfe: digits_quality}) of the last digits probe."""
         self._counts: tuple[float, dict] | None = None
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
@@ -243,7 +249,7 @@ class Worker:
         skipped = bool(sums[base + 1] > 0)
         grad_norm = engine.get_global_grad_norm()
         row.update({"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                    "images_per_s": layout.global_batch / dt, "step_time_s": dt,
+                    "images_per_s": layout.global_batch / dt, "step_time_s": dt, "wall_time": time.time(),
                     "data_wait_s": float(sums[base + 2]) / self.world, "step_skipped": int(skipped),
                     "nonfinite_microbatches": int(sums[base]), "peak_mem_gb": _peak_memory_gb(self.device)})
         st = self.state
@@ -280,7 +286,33 @@ class Worker:
         """The probe section's metrics (rank 0; {} elsewhere), e.g. nfe_gap_mse for Tune's ASHA."""
         if self.cfg.probe.kind == "nfe_gap":
             return self.samples.nfe_gap(self.velocity, self.cfg.probe.reference_nfe)
+        if self.cfg.probe.kind == "digits":
+            self.last_scores = (self.state.step, self.digits_scores(self.cfg.probe.nfe, few_step))
+            return {f"digits_{m}_{n}nfe": v for n, q in self.last_scores[1].items() for m, v in q.items()
+                    if m != "per_class"}
         raise ValueError(f"probe.kind {self.cfg.probe.kind!r} has no implementation")
+
+    def digits_scores(self, nfes: list[int], sampler) -> dict[int, dict]:
+        """probe.kind digits: twinflow.study.metrics.digits_quality of the probe prompts' images at each
+        NFE with ``sampler`` (few_step or ode) on rank 0 ({} elsewhere); collective under ZeRO-3."""
+        import numpy as np
+
+        from twinflow.study.datasets import images_to_digits, load_digits_at
+        from twinflow.study.metrics import DigitsJudge, digits_quality
+
+        p = self.cfg.probe
+        out = {}
+        for n in nfes:
+            images = self.samples.probe_images(self.velocity, sampler(n), p.images_per_prompt)
+            if images is None:
+                continue
+            if self._judge is None:
+                self._judge = DigitsJudge.fit(load_digits_at(self.cfg.sample.height), classifier="svc")
+            labels = np.repeat([label for _, _, label in digit_prompts()], p.images_per_prompt)
+            groups = np.repeat(np.arange(len(digit_prompts())), p.images_per_prompt)
+            u8 = (images.permute(0, 2, 3, 1).numpy() * 255).round().clip(0, 255).astype(np.uint8)
+            out[n] = digits_quality(self._judge, images_to_digits(u8), labels, groups)
+        return out
 
     def save_checkpoint(self, row: dict, grid) -> None:
         import ray.train
@@ -344,6 +376,14 @@ class Worker:
                     "skipped_steps": self.state.skipped_steps, "nan_streak": self.state.nan_streak, "final": None,
                     "data": self.data_summary()}
 
+    def digits_summary(self) -> dict | None:
+        """probe.kind digits: the starting model's scores and the last probe's (rank 0)."""
+        if self.rank != 0 or self.cfg.probe.kind != "digits":
+            return None
+        return {"base": {str(n): q for n, q in self.base_scores.items()},
+                "step": self.last_scores[0] if self.last_scores else None,
+                "trained": {str(n): q for n, q in (self.last_scores[1] if self.last_scores else {}).items()}}
+
     def data_summary(self, max_age_s: float = 0.0) -> dict | None:
         """Samples seen / usable / skipped per reason so far (raw data: the decode ledger, one entry per
         shard; a cache: its manifest's counts from pre-caching); rank 0 only. ``max_age_s``: reuse a
@@ -374,17 +414,21 @@ class Worker:
         except INPUT_ERRORS as exc:
             error = str(exc)
         self.agree(error)
-        resumed = self.restore()
-        st = self.state
-        self.data = MicroBatches(ray.train.get_dataset_shard("train"), self.spec, self.device, st.epoch,
-                                 st.micro_in_epoch, world=self.world)
         self.samples = None
         if cfg.sample.enabled:
+            probe_prompts = [p for _, p, _ in digit_prompts()] if cfg.probe.kind == "digits" else None
             self.samples = SampleGrid(cfg.sample, self.model_path, self.rank, self.world,
                                       cfg.deepspeed.zero_stage == 3, self.device,
                                       encoder=self._encoder() if self.spec.kind == "raw" and self.rank == 0 else None,
                                       max_sequence_length=cfg.encode.max_sequence_length,
-                                      encode_dtype=cfg.encode.dtype)
+                                      encode_dtype=cfg.encode.dtype, probe_prompts=probe_prompts)
+            # Still the starting weights (nothing restored or trained yet): the base's own columns/scores.
+            self.samples.render_base(self.velocity)
+            self.base_scores = self.digits_scores(cfg.probe.base_nfe, ode) if cfg.probe.kind == "digits" else {}
+        resumed = self.restore()
+        st = self.state
+        self.data = MicroBatches(ray.train.get_dataset_shard("train"), self.spec, self.device, st.epoch,
+                                 st.micro_in_epoch, world=self.world, rank=self.rank, seed=cfg.run.seed)
         if self.rank == 0:
             self.tracker = Tracker(cfg, self.storage, st, resumed, self.mlflow_env)
         stop_at = min(cfg.run.max_steps, cfg.run.stop_at_step or cfg.run.max_steps)
@@ -435,7 +479,7 @@ class Worker:
             self.equalizer.remove()
         return {"step": st.step, "stop_reason": stop_reason, "skipped_steps": st.skipped_steps,
                 "nan_streak": st.nan_streak, "final": final, "resumed": resumed, "resumed_from": list(st.resumed_from),
-                "data": self.data_summary(),
+                "data": self.data_summary(), "digits": self.digits_summary(),
                 "last": st.history[-1] if st.history else None,
                 "zero3_padding_passes": self.equalizer.padded if self.equalizer is not None else 0}
 

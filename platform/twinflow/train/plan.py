@@ -56,7 +56,7 @@ def plan_overrides(cfg: TrainConfig) -> dict[str, Any]:
     """What the planner cannot read from the config tree itself (``plan_from_train_config`` reads
     ZeRO stage, offload, micro-batch, accumulation, resolution and workers): the prompt length
     planned, which encoders stay resident, and the tiny models' architecture."""
-    from twinflow.train.prepare import TINY_MODELS
+    from twinflow.named import architecture
 
     out: dict[str, Any] = {
         "text_tokens": min(TYPICAL_TEXT_TOKENS, cfg.encode.max_sequence_length),
@@ -65,11 +65,9 @@ def plan_overrides(cfg: TrainConfig) -> dict[str, Any]:
         "text_encoder_resident": not cfg.data.is_cached,
         "vae_resident": (not cfg.data.is_cached) or cfg.sample.enabled,
     }
-    if cfg.model.path in TINY_MODELS:
-        from twinflow.plan.presets import tiny_architecture
-
-        # The random-weight test models are built on first use; plan them from their presets.
-        out["architecture"] = tiny_architecture(cfg.model.path)
+    named = architecture(cfg.model.path)
+    if named is not None:  # named models (tiny, digits-base) are built on first use: plan from their recipe
+        out["architecture"] = named
     return out
 
 

@@ -21,11 +21,10 @@ import yaml
 
 from twinflow.config.errors import ConfigError
 from twinflow.config.tree import dump_yaml, to_dict
-from twinflow.models.tiny_qwen import TINY_PRESETS, build_once, cache_dir, resolve_tiny_model
+from twinflow.models.tiny_qwen import build_once, cache_dir
 from twinflow.train.config import DIGITS_SOURCE, TrainConfig
 from twinflow.train.storage import RunStorage
 
-TINY_MODELS = tuple(TINY_PRESETS)
 CONFIG_FILE = "config.yaml"
 DIGITS_ROWS = 512
 DIGITS_SHARDS = 4
@@ -37,14 +36,20 @@ RESUME_FIXED = ("model", "data.source", "data.format", "data.resolution", "data.
 
 
 def resolve_model_path(path: str) -> str:
-    """A tiny preset name -> its folder (built on first use); anything else unchanged."""
-    return resolve_tiny_model(path)
+    """A named model (twinflow.named: tiny, tiny-qwen, digits-base) -> its folder (built on first use);
+    anything else unchanged."""
+    from twinflow.named import resolve_model
+
+    return resolve_model(path)
 
 
 def resolve_data_source(source: str, resolution: int) -> str:
-    """``digits`` -> a folder of captioned digit parquet shards at ``resolution`` px; else unchanged."""
+    """``digits`` -> a folder of captioned digit parquet shards at ``resolution`` px; other named sources
+    (twinflow.named, e.g. digits-base: that base's latent cache) -> their folder; else unchanged."""
     if source != DIGITS_SOURCE:
-        return source
+        from twinflow.named import resolve_data_source as resolve_named
+
+        return resolve_named(source)
     from twinflow.data.digits import write_digits_dataset
 
     def build(tmp: Path) -> None:

@@ -23,8 +23,10 @@ HEADER_PX = 14
 
 class SampleGrid:
     def __init__(self, settings: SampleSettings, model_path: str, rank: int, world: int, zero3: bool,
-                 device: torch.device, encoder=None, max_sequence_length: int = 512, encode_dtype: str = "auto"):
-        """``encoder``: an already loaded twinflow.data.encode.QwenImageEncoder to reuse (raw data)."""
+                 device: torch.device, encoder=None, max_sequence_length: int = 512, encode_dtype: str = "auto",
+                 probe_prompts: list[str] | None = None):
+        """``encoder``: an already loaded twinflow.data.encode.QwenImageEncoder to reuse (raw data);
+        ``probe_prompts``: prompts the quality probe renders (encoded now, while the encoder is loaded)."""
         from diffusers import AutoencoderKLQwenImage
 
         self.settings = settings
@@ -37,6 +39,8 @@ class SampleGrid:
         factor = 2 ** len(vae_cfg["temperal_downsample"])
         self.latent_hw = (2 * (settings.height // (factor * 2)), 2 * (settings.width // (factor * 2)))
         self.cond: dict[str, torch.Tensor] | None = None
+        self.probe_cond: dict[str, torch.Tensor] | None = None
+        self.base_columns: list[torch.Tensor] = []
         self.vae = None
         if rank == 0:
             own = encoder is None
@@ -48,6 +52,8 @@ class SampleGrid:
             from twinflow.data.encode import pad_prompts
 
             self.cond = {k: v.cpu() for k, v in pad_prompts(encoder.encode_prompts([p for p, _ in self.rows])).items()}
+            if probe_prompts:
+                self.probe_cond = {k: v.cpu() for k, v in pad_prompts(encoder.encode_prompts(probe_prompts)).items()}
             self.vae = encoder.pipe.vae
             if own:  # the text encoder (7B for Qwen-Image) is not needed any more
                 encoder.pipe.text_encoder = None
@@ -58,9 +64,9 @@ class SampleGrid:
         if zero3 and world > 1:
             import torch.distributed as dist
 
-            box = [self.cond]
+            box = [self.cond, self.probe_cond]
             dist.broadcast_object_list(box, src=0)
-            self.cond = box[0]
+            self.cond, self.probe_cond = box
 
     def _inputs(self, velocity: torch.nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The fixed noise (one seed per row) and the rows' prompt condition, on the device."""
@@ -75,6 +81,51 @@ class SampleGrid:
         return [torch.Generator(device=self.device).manual_seed(10_000 + seed) for _, seed in self.rows]
 
     @torch.no_grad()
+    def render_base(self, velocity: torch.nn.Module) -> None:
+        """Keep the ``base_nfe`` columns of the model as it is now (call before any training step)."""
+        if not self.active or not self.settings.base_nfe:
+            return
+        noise, cond = self._inputs(velocity)
+        was_training = velocity.training
+        velocity.eval()
+        try:
+            latents = [sample(velocity, noise, cond, ode(n), model_dtype=velocity.compute_dtype)
+                       for n in self.settings.base_nfe]
+        finally:
+            velocity.train(was_training)
+        if self.rank == 0:
+            from twinflow.models.qwen_encode import decode_latents
+
+            self.base_columns = [decode_latents(self.vae, x).cpu() for x in latents]
+
+    @torch.no_grad()
+    def probe_images(self, velocity: torch.nn.Module, sampler, per_prompt: int) -> torch.Tensor | None:
+        """``per_prompt`` images of each probe prompt ([P·per_prompt, 3, H, W] in [0, 1], prompt-major),
+        from fixed seeds; rank 0 (None elsewhere); every rank must call it under ZeRO-3."""
+        if not self.active:
+            return None
+        channels = velocity.transformer.config.in_channels // 4
+        h, w = self.latent_hw
+        n_prompts = next(iter(self.probe_cond.values())).shape[0]
+        rows = torch.arange(n_prompts).repeat_interleave(per_prompt)
+        cond = {k: v[rows].to(self.device) for k, v in self.probe_cond.items()}
+        seeds = [200_000 + i for i in range(len(rows))]
+        noise = torch.stack([torch.randn((channels, h, w), generator=torch.Generator().manual_seed(s))
+                             for s in seeds]).to(self.device)
+        gens = [torch.Generator(device=self.device).manual_seed(s + 1) for s in seeds]
+        was_training = velocity.training
+        velocity.eval()
+        try:
+            x = sample(velocity, noise, cond, sampler, generator=gens, model_dtype=velocity.compute_dtype)
+        finally:
+            velocity.train(was_training)
+        if self.rank != 0:
+            return None
+        from twinflow.models.qwen_encode import decode_latents
+
+        return torch.cat([decode_latents(self.vae, x[i:i + 256]).cpu() for i in range(0, len(x), 256)])
+
+    @torch.no_grad()
     def render(self, velocity: torch.nn.Module):
         """The grid as a PIL image on rank 0 (None elsewhere); every rank must call it under ZeRO-3."""
         if not self.active:
@@ -83,9 +134,10 @@ class SampleGrid:
         columns = []
         was_training = velocity.training
         velocity.eval()
+        make = ode if self.settings.sampler == "ode" else few_step
         try:
             for nfe in self.settings.nfe:
-                columns.append(sample(velocity, noise, cond, few_step(nfe), generator=self._generators(),
+                columns.append(sample(velocity, noise, cond, make(nfe), generator=self._generators(),
                                       model_dtype=velocity.compute_dtype))
         finally:
             velocity.train(was_training)
@@ -94,7 +146,11 @@ class SampleGrid:
         from twinflow.models.qwen_encode import decode_latents
 
         images = [decode_latents(self.vae, x).cpu() for x in columns]  # per column: [rows, 3, H, W] in [0, 1]
-        return compose_grid(images, [f"{n} NFE" for n in self.settings.nfe])
+        labels = [f"{n} NFE" for n in self.settings.nfe]
+        if self.base_columns:
+            images = self.base_columns + images
+            labels = [f"base {n}" for n in self.settings.base_nfe] + [f"ours {n}" for n in self.settings.nfe]
+        return compose_grid(images, labels)
 
 
     @torch.no_grad()
@@ -133,15 +189,24 @@ def nfe_gap_metrics(one: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
     return {"nfe_gap_mse": float(per_row.mean()), "nfe_gap_nonfinite": float(bad.float().mean())}
 
 
+MIN_TILE_PX = 64
+"""Tiles smaller than this are enlarged (nearest neighbour) so the column labels fit and digits show."""
+
+
 def compose_grid(columns: list[torch.Tensor], labels: list[str]) -> Any:
     from PIL import Image, ImageDraw
 
     n_rows, _, height, width = columns[0].shape
-    grid = Image.new("RGB", (width * len(columns), HEADER_PX + height * n_rows), (255, 255, 255))
+    scale = max(1, -(-MIN_TILE_PX // width))
+    th, tw = height * scale, width * scale
+    grid = Image.new("RGB", (tw * len(columns), HEADER_PX + th * n_rows), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
     for c, (col, label) in enumerate(zip(columns, labels)):
-        draw.text((c * width + 2, 1), label, fill=(0, 0, 0))
+        draw.text((c * tw + 2, 1), label, fill=(0, 0, 0))
         for r in range(n_rows):
             arr = (col[r].permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-            grid.paste(Image.fromarray(arr), (c * width, HEADER_PX + r * height))
+            tile = Image.fromarray(arr)
+            if scale > 1:
+                tile = tile.resize((tw, th), Image.Resampling.NEAREST)
+            grid.paste(tile, (c * tw, HEADER_PX + r * th))
     return grid

@@ -83,7 +83,7 @@ def build_trainer(cfg: TrainConfig, storage: RunStorage, callbacks: list | tuple
     enc = cfg.encode
     data = open_training_data(work_cfg.data, cfg.deepspeed.micro_batch_per_gpu, model_path=model_path,
                               filesystem=data_fs, encode_device=enc.device, encode_dtype=enc.dtype,
-                              max_sequence_length=enc.max_sequence_length)
+                              max_sequence_length=enc.max_sequence_length, world_size=cfg.scaling.num_workers)
     custom = {k: v for k, v in cfg.scaling.resources_per_worker.items() if k not in ("CPU", "GPU", "memory")}
     warn_missing_resources(custom, "scaling.resources_per_worker")
     ingest = DataConfig.default_ingest_options()  # Ray Train's defaults, plus a deterministic order

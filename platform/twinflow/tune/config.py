@@ -260,7 +260,32 @@ def qwen_lora_proxy() -> SweepConfig:
                                 "logging.ray_report_every=0", "probe.kind=none"])
 
 
-PRESETS = {"digits": digits, "qwen-tiny": qwen_tiny, "qwen-lora-proxy": qwen_lora_proxy}
+def _digits_base_proxy(steps: int = 400) -> TrainConfig:
+    from twinflow.train.presets import digits as digits_distillation
+
+    cfg = digits_distillation()
+    cfg.run = dataclasses.replace(cfg.run, max_steps=steps, checkpoint_every=steps, num_to_keep=1,
+                                  export_pipeline=False)
+    cfg.logging = dataclasses.replace(cfg.logging, ray_report_every=100, tensorboard=False, progress_bar=False,
+                                      mlflow="off")
+    cfg.sample = dataclasses.replace(cfg.sample, base_nfe=[])
+    cfg.probe = dataclasses.replace(cfg.probe, kind="digits", nfe=[1], images_per_prompt=16, base_nfe=[])
+    return cfg
+
+
+def digits_base_lam() -> SweepConfig:
+    """The miniature paper's λ curve: TwinFlow LoRA on the pretrained digits base (the make-demo run,
+    shorter) at λ ∈ {0, 1/6, 1/3, 1/2, 2/3}, scored by the digits probe at 1 NFE; every trial runs to
+    the end (a curve, not a search: no early stopping), one at a time."""
+    return SweepConfig(target="qwen", name="digits-base-lam", qwen=_digits_base_proxy(),
+                       search=SearchSettings(lam="grid:0,0.1667,0.3333,0.5,0.6667", lr=""),
+                       tune=TuneSettings(metric="digits_frechet_1nfe", mode="min", max_concurrent_trials=1),
+                       asha=AshaSettings(enabled=False, grace_period=100),
+                       promote=["run.max_steps=600", "run.checkpoint_every=200", "logging.ray_report_every=0"])
+
+
+PRESETS = {"digits": digits, "qwen-tiny": qwen_tiny, "qwen-lora-proxy": qwen_lora_proxy,
+           "digits-base-lam": digits_base_lam}
 
 
 def build_sweep(preset: SweepConfig, yaml_path: str | None = None, overrides: list[str] | tuple[str, ...] = (),

@@ -27,6 +27,9 @@ from twinflow.config.tree import build, dump_yaml, to_dict
 from twinflow.tune.config import LAM_PATH, LR_PATH, SweepConfig
 
 COMPLETED, STOPPED, ERROR = "completed", "stopped early", "error"
+EXTRA_METRICS = ("recall_1nfe", "digits_recall_1nfe", "digits_diversity_ratio_1nfe", "digits_accuracy_1nfe",
+                 "loss/total")
+"""Reported beside the stopping metric in the table when trials report them."""
 
 
 def _num(v: Any) -> float | None:
@@ -40,7 +43,7 @@ def _num(v: Any) -> float | None:
 def collect_rows(grid, cfg: SweepConfig) -> list[dict[str, Any]]:
     """One dict per trial from Tune's ResultGrid, in trial order."""
     paths = list(cfg.search_paths())
-    extra = [m for m in ("recall_1nfe", "loss/total") if m != cfg.metric]
+    extra = [m for m in EXTRA_METRICS if m != cfg.metric]
     rows = []
     for result in grid:
         metrics = result.metrics or {}
@@ -96,7 +99,7 @@ def _fmt(v: Any) -> str:
 
 def table_columns(rows: list[dict], cfg: SweepConfig) -> list[str]:
     searched = [p for p in cfg.search_paths() if p not in (LAM_PATH, LR_PATH[cfg.target])]
-    metrics = [cfg.metric] + [m for m in ("recall_1nfe", "loss/total") if m != cfg.metric and any(m in r for r in rows)]
+    metrics = [cfg.metric] + [m for m in EXTRA_METRICS if m != cfg.metric and any(m in r for r in rows)]
     return ["trial", "lam", "lr", *searched, "step", "reports", *metrics, "status", "error"]
 
 
