@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from twinflow.data import DatasetConfig, iter_decoded, read_image_text
     from twinflow.data.digits import write_digits_dataset
+    from twinflow.ray_env import connect
     from twinflow.data.fs import filesystem_for
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-data-"))
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     if ray.is_initialized():
         cpus = ray.cluster_resources().get("CPU", 1)
     else:
-        ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+        connect(num_cpus=args.cpus, log_to_driver=False)  # a fresh local Ray unless RAY_ADDRESS names one
         cpus = args.cpus
     out["ray_cpus"] = cpus
     try:
@@ -124,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 def bench_precache(work: Path, args) -> dict:
     from twinflow.data import DatasetConfig, EncodeConfig, PrecacheConfig, run_precache
     from twinflow.data.digits import write_digits_dataset
+    from twinflow.ray_env import connect
     from twinflow.models.tiny_qwen import build_tiny_qwen_image
 
     model = build_tiny_qwen_image(work / "tiny-qwen", "tiny")

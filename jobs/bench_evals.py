@@ -89,11 +89,11 @@ def main(argv=None) -> int:
     import ray
 
     from evals import runner
+    from twinflow.ray_env import connect
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-evals-"))
     cfg = build(args, work)
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
+    connect(log_to_driver=False)  # a fresh local Ray unless RAY_ADDRESS names one
     data_root = Path(cfg.data_root)
     out = Path(cfg.output_dir)
     plans = [runner.plan_benchmark(b, cfg, data_root, out) for b in cfg.benchmarks]

@@ -43,7 +43,7 @@ def ray_local():
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        ray.init(num_cpus=4, include_dashboard=False, dashboard_port=port, log_to_driver=False)
+        ray.init(address="local", num_cpus=4, include_dashboard=False, dashboard_port=port, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -147,6 +149,21 @@ def test_deepspeed_pickles_are_read_weights_only(tmp_path):
 # ---------------------------------------------------------------------------
 
 
+def _wait_for_gcs(port: int, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()[-2000:]
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                time.sleep(3)  # the GCS port opens before the head's raylet has registered
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"ray start --head --port={port} did not open its port in {timeout:.0f} s")
+
+
 def test_jobs_start_their_own_ray_instead_of_joining_a_running_cluster(tmp_path):
     """A cluster started with ``ray start`` (a stranger's) is left alone by default and joined with
     ``--address auto`` / RAY_ADDRESS."""
@@ -154,19 +171,28 @@ def test_jobs_start_their_own_ray_instead_of_joining_a_running_cluster(tmp_path)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_AUTH_MODE"] = "disabled"  # the stranger's cluster; our probe runs with its own settings
     ray_bin = str(Path(PY).parent / "ray")
-    start = subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
-                            "--disable-usage-stats"], capture_output=True, text=True, timeout=120, env=env)
-    assert start.returncode == 0, start.stderr[-2000:]
+    # --block keeps the stranger's cluster tied to this one process: SIGINT to it stops that cluster alone.
+    # (``ray stop --force`` would kill every Ray process on the machine, this session's cluster included,
+    # and Ray ends a driver whose raylet died -- pytest with it.)
+    stranger = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={port}", "--num-cpus=1",
+                                 "--include-dashboard=false", "--disable-usage-stats"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     probe = ("import sys; sys.path.insert(0, %r); from twinflow.ray_env import connect; import ray; "
              "connect(num_cpus=1, address=(sys.argv[1] or None)); "
              "print(ray.get_runtime_context().gcs_address)") % str(ROOT / "platform")
     try:
+        _wait_for_gcs(port, stranger)
         own = subprocess.run([PY, "-c", probe, ""], capture_output=True, text=True, timeout=180, env=env)
         joined = subprocess.run([PY, "-c", probe, "auto"], capture_output=True, text=True, timeout=180, env=env)
         via_env = subprocess.run([PY, "-c", probe, ""], capture_output=True, text=True, timeout=180,
                                  env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"})
     finally:
-        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120, env=env)
+        stranger.send_signal(signal.SIGINT)
+        try:
+            stranger.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            stranger.kill()
+            stranger.wait()
     for proc in (own, joined, via_env):
         assert proc.returncode == 0, proc.stderr[-2000:]
     address = lambda proc: proc.stdout.strip().splitlines()[-1]  # noqa: E731
