@@ -94,7 +94,7 @@ class PipelineGenerator:
 
 
 def _dtype(name: str, device: str):
-    from evals.vlm import torch_dtype
+    from twinflow.dtypes import torch_dtype
 
     return torch_dtype(name, device)
 

@@ -42,7 +42,36 @@ def _error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}\n{''.join(traceback.format_exception(exc, limit=-2))[-600:]}"
 
 
-class GenEvalScorer:
+class Scorer:
+    """What every scorer shares: ``process`` scores each task with the benchmark's ``_score(task) -> data``
+    hook, ``workers`` tasks at a time (threads; 1: in order), and records an exception as that task's
+    "failed" record. ``_score`` may put ``status: "skipped"`` (with a ``reason``) in its data."""
+
+    workers = 1
+
+    def ready(self) -> dict[str, Any]:
+        return {"pid": os.getpid()}
+
+    def _score(self, task: dict) -> dict:
+        raise NotImplementedError
+
+    def _one(self, task: dict) -> dict:
+        t0 = time.time()
+        try:
+            data = self._score(task)
+            status = data.pop("status", "scored")
+            return _record(task, status, data, error=data.get("reason") if status == "skipped" else None, t0=t0)
+        except Exception as exc:  # noqa: BLE001 - a bad image fails its prompt, not the shard
+            return _record(task, "failed", error=_error(exc), t0=t0)
+
+    def process(self, tasks: list[dict]) -> list[dict]:
+        if self.workers <= 1:
+            return [self._one(t) for t in tasks]
+        with ThreadPoolExecutor(self.workers) as ex:
+            return list(ex.map(self._one, tasks))
+
+
+class GenEvalScorer(Scorer):
     def __init__(self, cfg: dict[str, Any], object_names: Sequence[str], device: str = "cpu", num_threads: int = 0):
         from evals.geneval.models import ClipColorClassifier, Mask2FormerDetector
         from evals.geneval.rules import GenEvalRules
@@ -55,9 +84,6 @@ class GenEvalScorer:
                                             cfg["detector_short_edge"], cfg["detector_long_edge"])
         self.colors = ClipColorClassifier(cfg["clip"], device)
         self.batch = int(cfg.get("detector_batch_size", 4))
-
-    def ready(self) -> dict[str, Any]:
-        return {"pid": os.getpid()}
 
     def _score(self, task: dict) -> dict:
         from evals.geneval.rules import confidence_threshold, evaluate_image
@@ -74,27 +100,14 @@ class GenEvalScorer:
                 results.append({"index": i + j, "correct": bool(ok), "reason": reason, "detected": kept})
         return {"tag": meta["tag"], "images": results}
 
-    def process(self, tasks: list[dict]) -> list[dict]:
-        out = []
-        for task in tasks:
-            t0 = time.time()
-            try:
-                out.append(_record(task, "scored", self._score(task), t0=t0))
-            except Exception as exc:  # noqa: BLE001 - a bad image fails its prompt, not the shard
-                out.append(_record(task, "failed", error=_error(exc), t0=t0))
-        return out
 
-
-class DPGScorer:
+class DPGScorer(Scorer):
     def __init__(self, backend: str, model_id: str, device: str = "cpu", batch_size: int = 32, num_threads: int = 0):
         from evals.dpg.vqa import load_vqa
 
         _set_threads(num_threads)
         self.vqa = load_vqa(backend, model_id, device)
         self.batch = batch_size
-
-    def ready(self) -> dict[str, Any]:
-        return {"pid": os.getpid()}
 
     def _score(self, task: dict) -> dict:
         questions = task["meta"].get("questions") or []
@@ -110,18 +123,8 @@ class DPGScorer:
                 answers[t][str(qid)] = a
         return {"tile_size": tiles[0].width, "tiles": answers}
 
-    def process(self, tasks: list[dict]) -> list[dict]:
-        out = []
-        for task in tasks:
-            t0 = time.time()
-            try:
-                out.append(_record(task, "scored", self._score(task), t0=t0))
-            except Exception as exc:  # noqa: BLE001
-                out.append(_record(task, "failed", error=_error(exc), t0=t0))
-        return out
 
-
-class DigitsScorer:
+class DigitsScorer(Scorer):
     """The digits benchmark (evals/digits/rules.py): a classifier and feature space fitted on real digits."""
 
     def __init__(self, rules: dict[str, Any], num_threads: int = 0):
@@ -131,26 +134,15 @@ class DigitsScorer:
         self.rules = DigitsRules(**rules)
         judge_for(self.rules)  # fit once, now
 
-    def ready(self) -> dict[str, Any]:
-        return {"pid": os.getpid()}
-
-    def process(self, tasks: list[dict]) -> list[dict]:
+    def _score(self, task: dict) -> dict:
         from evals.digits.rules import score_images
 
-        out = []
-        for task in tasks:
-            t0 = time.time()
-            try:
-                label = int(task["meta"]["label"])
-                images = [layout.decode(b) for b in task["images"]]
-                data = {"label": label, "key": task["key"], "images": score_images(images, label, self.rules)}
-                out.append(_record(task, "scored", data, t0=t0))
-            except Exception as exc:  # noqa: BLE001 - a bad image fails its prompt, not the shard
-                out.append(_record(task, "failed", error=_error(exc), t0=t0))
-        return out
+        label = int(task["meta"]["label"])
+        images = [layout.decode(b) for b in task["images"]]
+        return {"label": label, "key": task["key"], "images": score_images(images, label, self.rules)}
 
 
-class WISEScorer:
+class WISEScorer(Scorer):
     """API judge calls run ``max_workers`` at a time inside the actor; a local VLM runs one at a time."""
 
     def __init__(self, cfg: dict[str, Any], device: str = "cpu", num_threads: int = 0):
@@ -180,24 +172,13 @@ class WISEScorer:
             self.backoff = 0.0
 
     def ready(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "judge": self.judge.model}
+        return {**super().ready(), "judge": self.judge.model}
 
-    def _one(self, task: dict) -> dict:
+    def _score(self, task: dict) -> dict:
         from evals.wise.judge import judge_image
 
-        t0 = time.time()
-        try:
-            meta = task["meta"]
-            res = judge_image(self.judge, self.protocol, self.prompt, layout.decode(task["images"][0]),
-                              meta["prompt"], meta.get("explanation", ""), self.max_attempts, self.backoff)
-            res["category"] = meta["category"]
-            status = res.pop("status")
-            return _record(task, status, res, error=res.get("reason") if status == "skipped" else None, t0=t0)
-        except Exception as exc:  # noqa: BLE001
-            return _record(task, "failed", error=_error(exc), t0=t0)
-
-    def process(self, tasks: list[dict]) -> list[dict]:
-        if self.workers <= 1:
-            return [self._one(t) for t in tasks]
-        with ThreadPoolExecutor(self.workers) as ex:
-            return list(ex.map(self._one, tasks))
+        meta = task["meta"]
+        res = judge_image(self.judge, self.protocol, self.prompt, layout.decode(task["images"][0]),
+                          meta["prompt"], meta.get("explanation", ""), self.max_attempts, self.backoff)
+        res["category"] = meta["category"]
+        return res  # its "status" (scored / skipped) becomes the record's

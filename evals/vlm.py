@@ -13,13 +13,9 @@ from typing import Sequence
 import torch
 from PIL import Image
 
+from twinflow.dtypes import torch_dtype  # "auto": bf16 on CUDA, else fp32
+
 DEFAULT_SYSTEM = "You are a helpful assistant."
-
-
-def torch_dtype(name: str, device: str) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 class QwenVL:

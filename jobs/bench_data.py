@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import _code_path  # noqa: E402,F401 - the submitted checkout first on sys.path (jobs/_code_path.py)
+
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -125,7 +127,6 @@ def main(argv: list[str] | None = None) -> int:
 def bench_precache(work: Path, args) -> dict:
     from twinflow.data import DatasetConfig, EncodeConfig, PrecacheConfig, run_precache
     from twinflow.data.digits import write_digits_dataset
-    from twinflow.ray_env import connect
     from twinflow.models.tiny_qwen import build_tiny_qwen_image
 
     model = build_tiny_qwen_image(work / "tiny-qwen", "tiny")

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "platform"), str(Path(__file__).resolve().parents[1])]
+import _code_path  # noqa: E402,F401 - the submitted checkout first on sys.path (jobs/_code_path.py)
 
 from evals.config import DPGConfig, EvalConfig, GenEvalConfig, GenerationConfig, PoolConfig, StageConfig  # noqa: E402
 

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # run from a checkout
+import _code_path  # noqa: E402,F401 - the submitted checkout first on sys.path (jobs/_code_path.py)
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -45,7 +45,8 @@ def plain_loop(root: Path, batch: int, steps: int, warmup: int, threads: int, lr
 
     from twinflow.data.cache import read_cache_table, table_to_batch
     from twinflow.data.loader import BatchSpec, to_training_batch
-    from twinflow.models.qwen_image import QwenImageVelocity, load_twinflow_transformer
+    from twinflow.models.qwen_loading import load_twinflow_transformer
+    from twinflow.models.qwen_velocity import QwenImageVelocity
 
     torch.set_num_threads(threads)
     table, _ = read_cache_table(str(root / "cache"))

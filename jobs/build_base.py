@@ -1,8 +1,9 @@
 """Build the miniature paper's pretrained base: a small Qwen-Image that draws the handwritten digits.
 
     python jobs/build_base.py                  # the default recipe (what make demo distils), ~6 min on 2 cores
-    python jobs/build_base.py --recipe small   # the reduced one the tests share
+    python jobs/build_base.py --preset small   # the reduced one the tests share
     python jobs/build_base.py --dry-run        # the recipe, its cache folder, whether it is built
+    python jobs/build_base.py --set pretrain.steps=6000 --dry-run   # any recipe field (mini/recipe.py)
 
 Stages, each with its progress (twinflow/mini/base.py): the 1,797 real digits at 32 px as captioned
 parquet -> a tiny AutoencoderKLQwenImage trained on them -> a Qwen-Image pipeline folder (that VAE, the
@@ -17,28 +18,23 @@ digits-base`` (built on first use) and its latent cache as ``data.source: digits
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # run from a checkout
+import _code_path  # noqa: E402,F401 - the submitted checkout first on sys.path (jobs/_code_path.py)
 
-from twinflow.config.cli import fail, interrupted, use_address  # noqa: E402
+from twinflow.config.cli import job_parser, fail, interrupted, resolve_config  # noqa: E402
 from twinflow.config.tree import to_dict  # noqa: E402
-from twinflow.mini.recipe import RECIPES  # noqa: E402
+from twinflow.mini.recipe import RECIPES, BaseRecipe  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--recipe", default="default", choices=sorted(RECIPES))
-    p.add_argument("--dry-run", action="store_true", help="print the recipe and its folder; build nothing")
-    p.add_argument("--address", metavar="RAY_ADDRESS", help="Ray cluster (default: $RAY_ADDRESS, else a fresh local Ray)")
+    p = job_parser(__doc__, RECIPES, "default")
+    p.add_argument("--recipe", dest="preset", choices=sorted(RECIPES), help="the same as --preset")
     args = p.parse_args(argv)
-    use_address(args)
+    recipe = resolve_config(BaseRecipe, args, RECIPES)
     from twinflow.mini.base import base_dir, build_base, is_built
 
-    recipe = RECIPES[args.recipe]()
     if args.dry_run:
         print(json.dumps({"recipe": to_dict(recipe), "key": recipe.key(), "folder": str(base_dir(recipe)),
                           "built": is_built(recipe)}, indent=2))

@@ -30,44 +30,33 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "platform"), str(Path(__file__).resolve().parents[1])]
+import _code_path  # noqa: E402,F401 - the submitted checkout first on sys.path (jobs/_code_path.py)
 
 from twinflow.config import ConfigError, dump_yaml  # noqa: E402
-from twinflow.config.cli import add_config_args, fail, interrupted, resolve_config  # noqa: E402
+from twinflow.config.cli import Shortcut, job_parser, fail, interrupted, resolve_config  # noqa: E402
 
 from evals.config import PRESETS, EvalConfig  # noqa: E402
 
 
+SHORTCUTS = (
+    Shortcut("--checkpoint", ("checkpoint={}", "watch_dir="),
+             "diffusers pipeline folder or training checkpoint dir holding one"),
+    Shortcut("--watch", ("watch_dir={}", "checkpoint=", "output_dir="),
+             "score each new checkpoint written under this path", metavar="RUN_STORAGE_PATH"),
+    Shortcut("--benchmarks", "benchmarks=[{}]", "comma list: geneval,dpg,wise"),
+    Shortcut("--nfe", "nfe=[{}]", "comma list of sampling steps, e.g. 1,2,4"),
+    Shortcut("--limit", "limit={}", "first N prompts of each benchmark (0 = all)", type=int),
+)
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_config_args(p, PRESETS, "default")
-    p.add_argument("--checkpoint", help="diffusers pipeline folder or training checkpoint dir holding one")
-    p.add_argument("--watch", metavar="RUN_STORAGE_PATH", help="score each new checkpoint written under this path")
-    p.add_argument("--benchmarks", help="comma list: geneval,dpg,wise")
-    p.add_argument("--nfe", help="comma list of sampling steps, e.g. 1,2,4")
-    p.add_argument("--limit", type=int, help="first N prompts of each benchmark (0 = all)")
-    args = p.parse_args(argv)
-    # The shortcuts are --set overrides applied before the user's own --set.
-    short = []
-    if args.checkpoint:
-        short += [f"checkpoint={args.checkpoint}", "watch_dir="]
-    if args.watch:
-        short += [f"watch_dir={args.watch}", "checkpoint=", "output_dir="]
-    if args.benchmarks:
-        short.append(f"benchmarks=[{args.benchmarks}]")
-    if args.nfe:
-        short.append(f"nfe=[{args.nfe}]")
-    if args.limit is not None:
-        short.append(f"limit={args.limit}")
-    args.overrides = short + args.overrides
-    return args
+    return job_parser(__doc__, PRESETS, "default", SHORTCUTS).parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    cfg: EvalConfig = resolve_config(EvalConfig, args, PRESETS)
+    cfg: EvalConfig = resolve_config(EvalConfig, args, PRESETS, SHORTCUTS)
     if args.dry_run:
         print(dump_yaml(cfg))
         return 0

@@ -36,43 +36,32 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # run from a checkout
+import _code_path  # noqa: E402,F401 - the submitted checkout first on sys.path (jobs/_code_path.py)
 
 from twinflow.config import dump_yaml  # noqa: E402
-from twinflow.config.cli import add_config_args, fail, interrupted, resolve_config  # noqa: E402
+from twinflow.config.cli import Shortcut, job_parser, fail, interrupted, resolve_config  # noqa: E402
 from twinflow.config.errors import ConfigError  # noqa: E402
 from twinflow.export.config import PRESETS, ExportConfig  # noqa: E402
 
 
+SHORTCUTS = (
+    Shortcut("--checkpoint", "source={}", "training checkpoint dir, a run's final/ folder, or a run folder"),
+    Shortcut("--out", "out={}", "output folder (default: <checkpoint>/export)"),
+    Shortcut("--base-model", "base_model={}",
+             "the Qwen-Image folder or hub id the run trained on (default: its model.path)"),
+    Shortcut("--use-ema", "use_ema=true", "export the EMA teacher's weights", type=bool),
+    Shortcut("--default-steps", "default_steps={}", "NFE the pipeline uses by default (default 2)", type=int),
+)
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_config_args(p, PRESETS, "default")
-    p.add_argument("--checkpoint", help="training checkpoint dir, a run's final/ folder, or a run folder")
-    p.add_argument("--out", help="output folder (default: <checkpoint>/export)")
-    p.add_argument("--base-model", help="the Qwen-Image folder or hub id the run trained on (default: its model.path)")
-    p.add_argument("--use-ema", action="store_true", help="export the EMA teacher's weights")
-    p.add_argument("--default-steps", type=int, help="NFE the pipeline uses by default (default 2)")
-    args = p.parse_args(argv)
-    short = []
-    if args.checkpoint:
-        short.append(f"source={args.checkpoint}")
-    if args.out:
-        short.append(f"out={args.out}")
-    if args.base_model:
-        short.append(f"base_model={args.base_model}")
-    if args.use_ema:
-        short.append("use_ema=true")
-    if args.default_steps is not None:
-        short.append(f"default_steps={args.default_steps}")
-    args.overrides = short + args.overrides
-    return args
+    return job_parser(__doc__, PRESETS, "default", SHORTCUTS).parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    cfg: ExportConfig = resolve_config(ExportConfig, args, PRESETS)
+    cfg: ExportConfig = resolve_config(ExportConfig, args, PRESETS, SHORTCUTS)
     from twinflow.export.exporter import export, plan
     from twinflow.export.sources import ExportError
 

@@ -35,6 +35,8 @@ import time
 import traceback
 from pathlib import Path
 
+import _code_path  # noqa: E402,F401 - the submitted checkout first on sys.path (jobs/_code_path.py)
+
 T0 = time.perf_counter()
 REPORT: dict = {}
 

@@ -28,20 +28,18 @@ import argparse
 import dataclasses
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # run from a checkout
+import _code_path  # noqa: E402,F401 - the submitted checkout first on sys.path (jobs/_code_path.py)
 
-from twinflow.config.cli import add_config_args, exit_config_error  # noqa: E402
+from twinflow.config.cli import job_parser, exit_config_error, resolve_config  # noqa: E402
 from twinflow.config.errors import ConfigError  # noqa: E402
-from twinflow.config.tree import deep_merge, dump_yaml, from_dict, parse_override, read_yaml, set_dotted, to_dict  # noqa: E402,E501
+from twinflow.config.tree import dump_yaml  # noqa: E402
 from twinflow.plan import GIB, PlanInputs, plan_memory  # noqa: E402
 from twinflow.plan.presets import PLAN_PRESETS  # noqa: E402
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_config_args(p, PLAN_PRESETS, default_preset="qwen-image-lora-512")
+    p = job_parser(__doc__, PLAN_PRESETS, "qwen-image-lora-512")
     p.add_argument("--compare", action="store_true", help="also plan an EMA teacher and DMD-style copies")
     p.add_argument("--calibrate", action="store_true", help="run the configuration on this CPU (small models "
                                                             "only) and print measured vs planned peak memory")
@@ -50,21 +48,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def resolve(args: argparse.Namespace) -> PlanInputs:
-    """preset <- YAML <- --set, then PlanInputs.validate (the checkpoint path need not exist)."""
-    try:
-        data = to_dict(PLAN_PRESETS[args.preset]())
-        if args.config:
-            data = deep_merge(data, read_yaml(args.config))
-        for text in args.overrides:
-            keys, value = parse_override(text)
-            set_dotted(data, keys, value)
-        inputs = from_dict(PlanInputs, data)
-        inputs.validate()
-        inputs.twinflow.validate("twinflow")
-        return inputs
-    except ConfigError as exc:
-        exit_config_error(exc)
-        raise
+    """The front door (preset <- YAML <- --set), validated as a plan: the checkpoint path need not exist."""
+    return resolve_config(PlanInputs, args, PLAN_PRESETS, check=_check_plan)
+
+
+def _check_plan(inputs: PlanInputs) -> None:
+    inputs.validate()
+    inputs.twinflow.validate("twinflow")
 
 
 def compare(inputs: PlanInputs) -> list[dict]:

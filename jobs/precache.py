@@ -24,15 +24,13 @@ to resume (exit code 130). Ray: a fresh local instance, RAY_ADDRESS when set, or
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # run from a checkout
+import _code_path  # noqa: E402,F401 - the submitted checkout first on sys.path (jobs/_code_path.py)
 
 from twinflow.config import dump_yaml  # noqa: E402
-from twinflow.config.cli import add_config_args, exit_config_error, fail, interrupted, resolve_config  # noqa: E402
+from twinflow.config.cli import job_parser, exit_config_error, fail, interrupted, resolve_config  # noqa: E402
 from twinflow.config.errors import ConfigError  # noqa: E402
 from twinflow.data.config import DatasetConfig, EncodeConfig, PrecacheConfig  # noqa: E402
 from twinflow.data.fs import DataSourceError  # noqa: E402
@@ -63,9 +61,7 @@ PRESETS = {"default": default, "tiny": tiny}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_config_args(parser, PRESETS, "default")
-    args = parser.parse_args(argv)
+    args = job_parser(__doc__, PRESETS, "default").parse_args(argv)
     cfg = resolve_config(PrecacheConfig, args, PRESETS)
 
     if args.dry_run:

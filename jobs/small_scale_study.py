@@ -23,67 +23,49 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # run from a checkout
+import _code_path  # noqa: E402,F401 - the submitted checkout first on sys.path (jobs/_code_path.py)
 
-from twinflow.config.cli import add_config_args, exit_config_error, interrupted, use_address  # noqa: E402
-from twinflow.config.errors import ConfigError  # noqa: E402
-from twinflow.config.tree import build, dump_yaml  # noqa: E402
-from twinflow.study.config import DATASETS, PAPER_LAMBDAS, PRESETS  # noqa: E402
+from twinflow.config.cli import Shortcut, job_parser, interrupted, resolve_config  # noqa: E402
+from twinflow.config.tree import dump_yaml  # noqa: E402
+from twinflow.study.config import DATASETS, PAPER_LAMBDAS, PRESETS, StudyConfig  # noqa: E402
+
+
+def _sweep_lam(value: str, args: argparse.Namespace) -> list[str]:
+    lams = PAPER_LAMBDAS if value == "paper" else [float(v) for v in value.split(",")]
+    sets = [f"sweep_lam=[{', '.join(repr(v) for v in lams)}]", "eval.nfe=[1]"]
+    if not args.datasets:
+        sets.append("datasets=[digits]")
+    if not args.out:
+        sets.append(f"out=runs/study-lam{'-quick' if args.quick else ''}")
+    return sets
+
+
+SHORTCUTS = (
+    Shortcut("--out", "out={}", "output folder (default: runs/study, or runs/study-quick with --quick)"),
+    Shortcut("--datasets", "datasets=[{}]", f"comma-separated subset of {','.join(DATASETS)}"),
+    Shortcut("--steps", tuple(f"{d}.steps={{}}" for d in DATASETS), "training steps per run, for every dataset",
+             type=int),
+    Shortcut("--lam", "method.twinflow.lam={}", "TwinFlow λ: share of the global batch for L_TwinFlow (default 1/3)",
+             type=float),
+    Shortcut("--workers", "workers={}", "Ray Train workers (default 2); each trains whole runs "
+             "(--set parallel=data: every run data-parallel over all of them)", type=int),
+    Shortcut("--mixture-modes", "mixture.modes={}", "modes of the 2-D mixture (default 8)", type=int),
+    Shortcut("--mixture-seed", "mixture.seed={}", "seed choosing the mixture (default 0)", type=int),
+    Shortcut("--sweep-lam", _sweep_lam, "λ ablation instead of the comparison: TwinFlow at each λ (default "
+             "0,1/6,1/3,1/2,2/3) on digits unless --datasets says otherwise", nargs="?", const="paper",
+             metavar="L1,L2,..."),
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_config_args(p, PRESETS, default_preset="full")
+    p = job_parser(__doc__, PRESETS, "full", SHORTCUTS)
     p.add_argument("--quick", action="store_true", help="shorthand for --preset quick")
-    p.add_argument("--out", help="output folder (default: runs/study, or runs/study-quick with --quick)")
-    p.add_argument("--datasets", help=f"comma-separated subset of {','.join(DATASETS)}")
-    p.add_argument("--steps", type=int, help="training steps per run, for every dataset")
-    p.add_argument("--lam", type=float, help="TwinFlow λ: share of the global batch for L_TwinFlow (default 1/3)")
-    p.add_argument("--workers", type=int, help="Ray Train workers (default 2); each trains whole runs "
-                   "(--set parallel=data: every run data-parallel over all of them)")
-    p.add_argument("--mixture-modes", type=int, help="modes of the 2-D mixture (default 8)")
-    p.add_argument("--mixture-seed", type=int, help="seed choosing the mixture (default 0)")
-    p.add_argument("--sweep-lam", nargs="?", const="paper", metavar="L1,L2,...",
-                   help="λ ablation instead of the comparison: TwinFlow at each λ (default 0,1/6,1/3,1/2,2/3) "
-                        "on digits unless --datasets says otherwise")
     return p.parse_args(argv)
-
-
-def shorthand_overrides(args: argparse.Namespace) -> list[str]:
-    sets = []
-    if args.out:
-        sets.append(f"out={args.out}")
-    if args.datasets:
-        sets.append(f"datasets=[{args.datasets}]")
-    if args.steps is not None:
-        sets += [f"{d}.steps={args.steps}" for d in DATASETS]
-    if args.lam is not None:
-        sets.append(f"method.twinflow.lam={args.lam}")
-    if args.workers is not None:
-        sets.append(f"workers={args.workers}")
-    if args.mixture_modes is not None:
-        sets.append(f"mixture.modes={args.mixture_modes}")
-    if args.mixture_seed is not None:
-        sets.append(f"mixture.seed={args.mixture_seed}")
-    if args.sweep_lam:
-        lams = PAPER_LAMBDAS if args.sweep_lam == "paper" else [float(v) for v in args.sweep_lam.split(",")]
-        sets += [f"sweep_lam=[{', '.join(repr(v) for v in lams)}]", "eval.nfe=[1]"]
-        if not args.datasets:
-            sets.append("datasets=[digits]")
-        if not args.out:
-            sets.append(f"out=runs/study-lam{'-quick' if args.quick else ''}")
-    return sets
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    use_address(args)
-    preset = "quick" if args.quick else args.preset
-    try:
-        cfg = build(PRESETS[preset]().__class__, PRESETS[preset](), args.config,
-                    shorthand_overrides(args) + args.overrides)
-    except ConfigError as exc:
-        exit_config_error(exc)
+    cfg = resolve_config(StudyConfig, args, PRESETS, SHORTCUTS, preset="quick" if args.quick else None)
     if args.dry_run:
         print(dump_yaml(cfg))
         return

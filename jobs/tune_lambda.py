@@ -29,19 +29,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # run from a checkout
+import _code_path  # noqa: E402,F401 - the submitted checkout first on sys.path (jobs/_code_path.py)
 
-from twinflow.config.cli import add_config_args, exit_config_error, interrupted, use_address  # noqa: E402
+from twinflow.config.cli import job_parser, exit_config_error, interrupted, resolve_config  # noqa: E402
 from twinflow.config.errors import ConfigError  # noqa: E402
 from twinflow.config.tree import dump_yaml  # noqa: E402
-from twinflow.tune.config import PRESETS, build_sweep  # noqa: E402
+from twinflow.tune.config import PRESETS, SweepConfig, search_edit  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_config_args(p, PRESETS, default_preset="digits")
+    p = job_parser(__doc__, PRESETS, "digits")
     p.add_argument("--search", action="append", default=[], metavar="FIELD=KIND:ARGS",
                    help="search a field, e.g. --search twinflow.rectify_coef=choice:0.25,0.5,1.0 "
                         "(lam / lr: the λ and learning-rate shorthands; repeatable)")
@@ -50,9 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    use_address(args)
+    cfg = resolve_config(SweepConfig, args, PRESETS, edits=[search_edit(args.search)])
     try:
-        cfg = build_sweep(PRESETS[args.preset](), args.config, args.overrides, args.search)
         if args.dry_run:
             from twinflow.tune.sweep import trial_need
             from twinflow.tune.search import grid_size, parse_spec

@@ -19,6 +19,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(_paths + [p for p in os.environ.get("
 for p in reversed(_paths):
     if p not in sys.path:
         sys.path.insert(0, p)
+sys.path.append(str(ROOT / "jobs"))  # jobs' main(argv) run in-process import jobs/_code_path.py, as scripts do
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Named models (tiny, the digits base) are built on first use into $TWINFLOW_CACHE: keep the suite's
 # own copies beside it (a clean clone builds them once per session; local reruns reuse them).

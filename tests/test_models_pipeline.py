@@ -19,7 +19,8 @@ from twinflow.config import ConfigError
 from twinflow.method.sampler import SamplerConfig, few_step, ode, sample
 from twinflow.models.pipeline import TwinFlowQwenImagePipeline, default_sampler_presets
 from twinflow.models.qwen_encode import decode_latents, encode_prompts
-from twinflow.models.qwen_image import QwenImageVelocity, TwinFlowQwenImageTransformer2DModel
+from twinflow.models.qwen_image import TwinFlowQwenImageTransformer2DModel
+from twinflow.models.qwen_velocity import QwenImageVelocity
 
 torch.set_num_threads(2)
 

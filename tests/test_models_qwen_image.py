@@ -23,9 +23,9 @@ from twinflow.models.qwen_encode import (UNCOND_PROMPT, decode_latents, denormal
                                          encode_prompts, latent_size, load_text_encoding_pipeline,
                                          vae_scale_factor,
                                          pad_prompt_embeds, split_prompt_embeds, uncond_condition)
-from twinflow.models.qwen_image import (QWEN_IMAGE_20B_CONFIG, QwenImageVelocity, TwinFlowQwenImageTransformer2DModel,
-                                        build_twinflow_transformer, build_velocity_model, image_shapes,
-                                        load_twinflow_transformer, pack_latents, parameter_count, unpack_latents)
+from twinflow.models.qwen_image import QWEN_IMAGE_20B_CONFIG, TwinFlowQwenImageTransformer2DModel
+from twinflow.models.qwen_loading import build_twinflow_transformer, build_velocity_model, load_twinflow_transformer
+from twinflow.models.qwen_velocity import QwenImageVelocity, image_shapes, pack_latents, parameter_count, unpack_latents
 
 torch.set_num_threads(2)
 

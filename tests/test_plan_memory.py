@@ -68,7 +68,7 @@ def test_real_20b_counts_from_meta_equal_the_structure_formula():
 
 def test_lora_count_matches_peft_on_a_built_model():
     from twinflow.models.lora import add_lora
-    from twinflow.models.qwen_image import build_twinflow_transformer
+    from twinflow.models.qwen_loading import build_twinflow_transformer
 
     settings = LoraSettings(rank=4)
     model = build_twinflow_transformer(SMALL)

@@ -100,7 +100,7 @@ def test_cross_section_rules():
         check(tiny(), debug={"exit_at_step": 3})
     with pytest.raises(ConfigError, match=r"^run\.name: use letters"):
         check(tiny(), run={"name": "a/b"})
-    assert sorted(PRESETS) == ["qwen-image-full-zero3", "qwen-image-lora", "tiny"]
+    assert sorted(PRESETS) == ["digits", "digits-full", "qwen-image-full-zero3", "qwen-image-lora", "tiny"]
 
 
 # ---------------------------------------------------------------------------
@@ -130,7 +130,7 @@ def test_lr_schedule_warmup_then_cosine_to_the_floor():
     from twinflow.train.ds_config import LrSchedule
 
     s = LrSchedule(OptimConfig(schedule="cosine", warmup_steps=4, min_lr_ratio=0.1), max_steps=14)
-    assert [round(s(i), 6) for i in range(4)] == [0.2, 0.4, 0.6, 0.8]
+    assert [round(s(i), 6) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]  # full lr on the last warm-up step
     assert s(4) == pytest.approx(1.0) and s(9) == pytest.approx(0.55) and s(14) == pytest.approx(0.1)
     assert s(100) == pytest.approx(0.1)
     c = LrSchedule(OptimConfig(schedule="constant"), max_steps=10)

@@ -51,4 +51,6 @@ def test_worker_deaths_restart_from_the_last_good_checkpoint(ray_local, tiny_qwe
     fs = s3_server.filesystem()
     for c, _ in outcome.result.best_checkpoints:
         names = {i.base_name for i in fs.get_file_info(pafs.FileSelector(c.path, recursive=True))}
-        assert {"complete_rank_00000", "complete_rank_00001", "rank_00000.pt", "rank_00001.pt"} <= names
+        assert {"complete_rank_00000", "complete_rank_00001", "rank_00000.json", "rank_00001.json",
+                "rank_00000.safetensors", "rank_00001.safetensors", "shared.json"} <= names
+        assert not any(n.endswith(".pt") for n in names if "zero_pp" not in n and "model_states" not in n), names

@@ -65,7 +65,7 @@ def test_reference_run_on_s3_checkpoints_logs_samples_and_exports(ray_local, tin
         assert all(math.isfinite(r[k]) for k in LOSS_KEYS), r
         assert r["images_per_s"] > 0 and r["data_wait_s"] >= 0 and r["peak_mem_gb"] > 0
     lrs = [r["lr"] for r in rows]
-    assert lrs == sorted(lrs) and lrs[0] == pytest.approx(1e-3 / 11)
+    assert lrs == sorted(lrs) and lrs[0] == pytest.approx(1e-3 / 10)
     assert rows[-1]["data/seen"] == 49 and rows[-1]["data/skipped/undecodable"] == 1
 
     # TensorBoard events copied to S3 and readable.
@@ -102,7 +102,7 @@ def test_reference_run_on_s3_checkpoints_logs_samples_and_exports(ray_local, tin
 
     from twinflow.models.lora import load_lora_state_dict, merge_lora
     from twinflow.models.pipeline import TwinFlowQwenImagePipeline
-    from twinflow.models.qwen_image import load_twinflow_transformer
+    from twinflow.models.qwen_loading import load_twinflow_transformer
 
     pipe = TwinFlowQwenImagePipeline.from_pretrained(final / "pipeline")
     rebuilt = load_twinflow_transformer(tiny_qwen_image, lora=cfg.model.lora)

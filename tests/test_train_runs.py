@@ -21,7 +21,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.deepspeed]
 def test_zero3_full_parameter_run_partitions_weights_and_exports_them(ray_local, tiny_qwen_image, tmp_path_factory,
                                                                       tmp_path):
     from twinflow.models.pipeline import TwinFlowQwenImagePipeline
-    from twinflow.models.qwen_image import TwinFlowQwenImageTransformer2DModel, load_twinflow_transformer
+    from twinflow.models.qwen_image import TwinFlowQwenImageTransformer2DModel
+    from twinflow.models.qwen_loading import load_twinflow_transformer
     from twinflow.train.trainer import run_training
 
     root = tmp_path_factory.getbasetemp()

@@ -225,16 +225,19 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def build(cls: type[T], base: T | Mapping | None = None, yaml_path: str | Path | None = None,
-          overrides: list[str] | tuple[str, ...] = ()) -> T:
-    """base (preset object or dict) <- YAML file <- --set overrides, then validate."""
+          overrides: list[str] | tuple[str, ...] = (), edits=(), check=None) -> T:
+    """base (preset object or dict) <- YAML file <- --set overrides <- ``edits`` (callables that change
+    the raw tree in place), then ``check`` (default: ``validate``, every node of the tree)."""
     data = to_dict(base) if dataclasses.is_dataclass(base) else dict(base or {})
     if yaml_path:
         data = merge_into(cls, data, read_yaml(yaml_path))
     for text in overrides:
         keys, value = parse_override(text)
         set_dotted(data, keys, value)
+    for edit in edits:
+        edit(data)
     cfg = from_dict(cls, data)
-    validate(cfg)
+    (check or validate)(cfg)
     return cfg
 
 

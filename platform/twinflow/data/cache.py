@@ -71,9 +71,9 @@ CACHE_SCHEMA = pa.schema([
 
 
 def _torch_dtype(name: str):
-    import torch
+    from twinflow.dtypes import torch_dtype
 
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    return torch_dtype(name)
 
 
 def tensor_to_bytes(t, dtype: str) -> bytes:

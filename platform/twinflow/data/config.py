@@ -13,7 +13,7 @@ from typing import Literal
 from twinflow.config.errors import require
 
 # Other names the same columns go by in the wild; tried, in order, when the configured name is
-# missing from a parquet file. "image_bytes" is the TwinFlow reference's name (METHOD.md §7).
+# missing from a parquet file. "image_bytes" is the TwinFlow reference's name (docs/METHOD.md §16).
 IMAGE_COLUMN_ALIASES = ("image", "image_bytes", "jpg", "png", "img")
 TEXT_COLUMN_ALIASES = ("text", "caption", "prompt", "txt")
 
@@ -53,7 +53,7 @@ class DatasetConfig:
     files_per_shard: int = 1000
     """folder format: images per shard (shards are consecutive runs of the sorted file list)."""
 
-    # --- image preprocessing (METHOD.md §7: 512², centre crop, [-1, 1]) ----------------------
+    # --- image preprocessing (docs/METHOD.md §16: 512², centre crop, [-1, 1]) ----------------
     resolution: int = 512
     """Square side for crop=center; the target area is resolution² for crop=buckets."""
     crop: Literal["center", "buckets"] = "center"

@@ -8,7 +8,7 @@ template, hidden state of the last layer, template tokens dropped); images throu
 
     latents = (posterior_mean − latents_mean) / latents_std,   frame axis dropped -> [B, C, H/8, W/8]
 
-(docs/DESIGN.md "Qwen-Image condition", METHOD.md §7). The encoding itself is
+(docs/DESIGN.md "Qwen-Image condition", docs/METHOD.md §16). The encoding itself is
 twinflow.models.qwen_encode's (shared with generation); this class owns loading the frozen parts
 once per actor/worker. Used by the precache actors and, for small models, in-process by Train
 workers reading raw data.
@@ -21,22 +21,14 @@ from functools import lru_cache
 import torch
 
 from twinflow.data.config import UNCOND_PROMPT  # noqa: E402  (re-exported)
+from twinflow.dtypes import torch_dtype
 from twinflow.models import qwen_encode
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """auto: bf16 on GPU (how the reference runs the frozen encoders), fp32 on CPU."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DTYPES[dtype]
 
 
 class QwenImageEncoder:
@@ -47,7 +39,7 @@ class QwenImageEncoder:
         from diffusers import QwenImagePipeline
 
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
+        self.dtype = torch_dtype(dtype, self.device)  # auto: bf16 on GPU (as the reference runs them), else fp32
         self.max_sequence_length = max_sequence_length
         skip = {"transformer": None, "scheduler": None}
         if not load_vae:

@@ -6,10 +6,12 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from twinflow.config.errors import require
+from twinflow.dtypes import AUTO, DTYPE_NAMES
+from twinflow.method.sampler import DEFAULT_STEPS, PRESET_STEPS
 
 PIPELINE, LORA = "pipeline", "lora"
 FORMATS = (PIPELINE, LORA)
-_DTYPES = ("auto", "bfloat16", "float32", "float16")
+_DTYPES = (AUTO, *DTYPE_NAMES)  # auto: as the run trained
 
 
 @dataclass
@@ -32,9 +34,9 @@ class ExportConfig:
     """Pipeline weights dtype; auto: the run's model.dtype."""
     lora_dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"
     """LoRA / E2 file dtype; auto: as trained (model.lora.dtype)."""
-    default_steps: int = 2
+    default_steps: int = DEFAULT_STEPS
     """NFE the exported pipeline samples with when num_inference_steps is not given (2: the released default)."""
-    preset_steps: list[int] = field(default_factory=lambda: [1, 2, 4])
+    preset_steps: list[int] = field(default_factory=lambda: list(PRESET_STEPS))
     """NFE values saved as sampler presets (method/sampler.py few_step grids)."""
     overwrite: bool = False
     """Redo an export even when <out> already holds one of the same source and settings."""

@@ -28,12 +28,10 @@ from typing import Any
 
 import torch
 
-from twinflow.config.tree import to_dict
 from twinflow.export.config import LORA, PIPELINE, ExportConfig
 from twinflow.export.sources import ExportError, Source, inspect_source, read_weights
 
 MANIFEST = "export.json"
-_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
 # ---------------------------------------------------------------------------
@@ -44,7 +42,7 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torc
 def resolve_base_model(source: Source, override: str = "") -> str:
     """The base pipeline to build on: ``override``, else the run's model.path (tiny test models are
     rebuilt from their preset, deterministically); a local path must exist."""
-    from twinflow.models.config import _HUB_ID
+    from twinflow.models.config import is_hub_id
     from twinflow.named import is_named_model, resolve_model
 
     path = override or source.config.model.path
@@ -63,7 +61,7 @@ def resolve_base_model(source: Source, override: str = "") -> str:
         except FileProblem as exc:
             raise ExportError(f"base model ({flag}): {exc}") from None
         return str(local)
-    if path.startswith((".", "/", "~")) or not _HUB_ID.match(path):
+    if not is_hub_id(path):
         raise ExportError(f"base model {path} ({flag}) does not exist here; pass --base-model <the Qwen-Image "
                           f"folder or hub id the run trained on>")
     return path  # a hub id: diffusers downloads it (or finds it in the HF cache)
@@ -79,15 +77,18 @@ def formats_for(cfg: ExportConfig, source: Source) -> list[str]:
 
 
 def dtypes(cfg: ExportConfig, source: Source) -> tuple[torch.dtype, torch.dtype]:
-    model = _DTYPES[cfg.dtype] if cfg.dtype != "auto" else source.config.model.torch_dtype
-    lora = _DTYPES[cfg.lora_dtype] if cfg.lora_dtype != "auto" else source.config.model.lora.torch_dtype
+    from twinflow.dtypes import torch_dtype
+
+    # "auto" here is the run's own dtypes, not the device rule of twinflow.dtypes
+    model = torch_dtype(cfg.dtype) if cfg.dtype != "auto" else source.config.model.torch_dtype
+    lora = torch_dtype(cfg.lora_dtype) if cfg.lora_dtype != "auto" else source.config.model.lora.torch_dtype
     return model, lora
 
 
 def sampler_presets(cfg: ExportConfig) -> dict[str, dict]:
-    from twinflow.method.sampler import few_step
+    from twinflow.models.pipeline import default_sampler_presets
 
-    return {str(n): to_dict(few_step(n)) for n in sorted(set(cfg.preset_steps))}
+    return default_sampler_presets(cfg.preset_steps)
 
 
 def request(cfg: ExportConfig, source: Source) -> dict[str, Any]:
@@ -159,7 +160,8 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
                                            dtype=lora_dtype)
             files.update({k: f"lora/{v}" for k, v in lora_files.items()})
         if PIPELINE in formats:
-            from twinflow.export.pipeline_folder import build_transformer, save_pipeline
+            from twinflow.export.pipeline_folder import build_transformer
+            from twinflow.models.pipeline import save_pipeline
 
             transformer = build_transformer(weights, base, model_dtype)
             save_pipeline(transformer, base, tmp / "pipeline", presets, cfg.default_steps, model_dtype)

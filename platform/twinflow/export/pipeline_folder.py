@@ -1,7 +1,7 @@
-"""The trained transformer as a plain module, and a ``TwinFlowQwenImagePipeline`` folder around it.
+"""The trained transformer as a plain module, for a ``TwinFlowQwenImagePipeline`` folder around it.
 
     transformer = build_transformer(weights, base_path, dtype)
-    save_pipeline(transformer, base_path, folder, presets, default_steps, dtype)
+    twinflow.models.pipeline.save_pipeline(transformer, base_path, folder, presets, default_steps, dtype)
 
 LoRA runs: the base transformer is loaded from the run's base model, the "default" adapter is added
 with the run's settings (rank, alpha, targets), the trained LoRA + E2 are loaded into it (strict)
@@ -15,8 +15,6 @@ default NFE, so ``TwinFlowQwenImagePipeline.from_pretrained(folder)(prompt)`` sa
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 
@@ -38,7 +36,7 @@ def build_transformer(weights: TrainedWeights, base_path: str, dtype: torch.dtyp
 
 def _merged_lora(weights: TrainedWeights, base_path: str, dtype: torch.dtype):
     from twinflow.models.lora import load_lora_state_dict, merge_lora
-    from twinflow.models.qwen_image import load_twinflow_transformer
+    from twinflow.models.qwen_loading import load_twinflow_transformer
 
     settings = weights.source.config.model.lora
     model = load_twinflow_transformer(base_path, subfolder=weights.source.config.model.subfolder or None,
@@ -77,12 +75,3 @@ def _assembled(weights: TrainedWeights, base_path: str, dtype: torch.dtype):
         raise ExportError(f"the checkpoint does not set {meta[:3]} of the transformer")
     return model
 
-
-def save_pipeline(transformer, base_path: str, folder: str | Path, presets: dict, default_steps: int,
-                  dtype: torch.dtype) -> None:
-    """Base pipeline components (loaded in ``dtype``) + ``transformer`` + sampler presets -> ``folder``."""
-    from twinflow.models.pipeline import TwinFlowQwenImagePipeline
-
-    pipe = TwinFlowQwenImagePipeline.from_pretrained(base_path, transformer=transformer, dtype=dtype)
-    pipe.set_sampler_presets(presets, default_steps)
-    pipe.save_pretrained(folder)

@@ -42,15 +42,20 @@ import torch
 from twinflow.config.errors import ConfigError
 from twinflow.models.qwen_image import E2_PREFIX
 from twinflow.train.config import TrainConfig
-from twinflow.train.state import COMPLETE_PREFIX, LEGACY_SHARED_FILE, SHARED_FILE, STATE_DIR
+from twinflow.train.state import (
+    COMPLETE_PREFIX,
+    FINAL_DIR,
+    LEGACY_SHARED_FILE,
+    MODULE_PREFIX,
+    OPTIM_SHARD,
+    SHARED_FILE,
+    STATE_DIR,
+    ZERO2_MODEL_FILE,
+    ZERO3_MODEL_SHARD,
+)
 
-CHECKPOINT = "checkpoint"
-FINAL = "final"
-_OPTIM = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
-_ZERO3_MODEL = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_\d+_model_states\.pt$")
+CHECKPOINT, FINAL = "checkpoint", "final"  # the two kinds of Source
 _LORA_ADAPTER = re.compile(r"\.(lora_[AB])\.default\.")
-MODULE_PREFIX = "transformer."
-"""The training engine wraps the transformer in QwenImageVelocity: its state-dict keys start with this."""
 
 
 class ExportError(ValueError):
@@ -121,8 +126,8 @@ def inspect_source(path: str | Path) -> Source:
         return _inspect_checkpoint(p)
     if (p / "config.yaml").is_file() and ((p / "lora").is_dir() or (p / "transformer").is_dir()):
         return _inspect_final(p)
-    if (p / "final" / "config.yaml").is_file():
-        return _inspect_final(p / "final")
+    if (p / FINAL_DIR / "config.yaml").is_file():
+        return _inspect_final(p / FINAL_DIR)
     checkpoints = sorted(c for c in p.glob("checkpoint_*") if (c / STATE_DIR / SHARED_FILE).is_file())
     if checkpoints:
         return _inspect_checkpoint(checkpoints[-1])
@@ -155,8 +160,8 @@ def _inspect_checkpoint(p: Path) -> Source:
         raise ExportError(f"{p} is incomplete: DeepSpeed's shard folder {tag}/ is missing")
     cfg = _config_from(shared["config"], str(p / STATE_DIR / SHARED_FILE))
     stage = cfg.deepspeed.zero_stage
-    optim = _ranks(shards, _OPTIM)
-    model = _ranks(shards, _ZERO3_MODEL) if stage == 3 else ({0} if (shards / "mp_rank_00_model_states.pt").is_file()
+    optim = _ranks(shards, OPTIM_SHARD)
+    model = _ranks(shards, ZERO3_MODEL_SHARD) if stage == 3 else ({0} if (shards / ZERO2_MODEL_FILE).is_file()
                                                              else set())
     expected_model = set(range(world)) if stage == 3 else {0}
     lacking = sorted(set(range(world)) - optim)

@@ -1,6 +1,6 @@
 """Which rows of a batch carry which loss, over the *global* batch of an optimizer step.
 
-Four blocks (METHOD.md §5):
+Four blocks (docs/METHOD.md §4):
   ONE_STEP   (t, r) = (1, 0) on real data; carries L_rectify (and the RCGM target at (1, 0))
   NEAR_DIAG  r ∈ [(1 − ρ_m)·t, t]; L_base, flow-matching-like
   ANY_STEP   r ~ U(0, t); L_base, the any-step RCGM target

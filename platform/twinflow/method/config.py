@@ -26,7 +26,7 @@ class TwinFlowConfig:
     block_weights: BlockWeights | None = None
     """Explicit shares {one_step, near_diag, any_step, fake}; when set, ``lam`` is ignored."""
 
-    # --- time sampling (METHOD.md §3.1) ---------------------------------------------------
+    # --- time sampling (docs/METHOD.md §5) ------------------------------------------------
     time_dist: tuple[float, float, float] = (1.0, 1.0, 1.0)
     """t ~ Beta(a, b)·scale, clamped to [0, 1]; (1, 1, 1) is U(0, 1)."""
     near_diag_ratio: float = 0.05
@@ -34,7 +34,7 @@ class TwinFlowConfig:
     any_step_ratio: float = 1.0
     """Any-step rows draw r = t − U·ratio·t (the reference's consistc_ratio)."""
 
-    # --- L_base: RCGM target (METHOD.md §3.3) ---------------------------------------------
+    # --- L_base: RCGM target (docs/METHOD.md §8) ------------------------------------------
     rcgm_order: int = 2
     """N sub-steps of the teacher rollout from t − δ to r (1 or 2)."""
     rcgm_delta: float = 0.01
@@ -49,12 +49,12 @@ class TwinFlowConfig:
     """Share of real rows whose condition is replaced by the unconditional one, so the model also
     learns f(x | ∅), which CFG (and the enhancement below) needs; 0.1 is the usual pretraining value."""
 
-    # --- CFG enhancement of the target (METHOD.md §3.2) -----------------------------------
+    # --- CFG enhancement of the target (docs/METHOD.md §7) --------------------------------
     enhance_ratio: float = 0.8
     """w_e (0.8 for self/EMA teachers, 4.0 for a frozen one): v ← v + w_e·(f̄(t,t|c) − f̄(t,t|∅)) on real rows with t strictly inside enhance_range."""
     enhance_range: tuple[float, float] = (0.0, 1.0)
 
-    # --- L_TwinFlow (METHOD.md §4) ---------------------------------------------------------
+    # --- L_TwinFlow (docs/METHOD.md §9, §10) -----------------------------------------------
     rectify_coef: float = 0.5
     """dmc: weight of L_rectify on the one-step rows; 0 turns it off."""
     rectify_clip: float | None = 1.0
@@ -66,7 +66,7 @@ class TwinFlowConfig:
     barron_c: float = 1e-3
     time_weight: Literal["tan", "none"] = "tan"
 
-    # --- teacher f̄ for enhancement and rollouts (METHOD.md §3.4) --------------------------
+    # --- teacher f̄ for enhancement and rollouts (docs/METHOD.md §12) ----------------------
     teacher: Literal["self", "ema", "frozen"] = "self"
     """self: the online model without grad; ema: an EMA copy; frozen: the initial weights
     (CFG teacher only; rollouts then use the online model, as the reference does)."""

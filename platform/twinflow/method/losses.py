@@ -1,4 +1,4 @@
-"""Per-sample losses and the (t, r) time weight (METHOD.md §3.5, §4.4)."""
+"""Per-sample losses and the (t, r) time weight (docs/METHOD.md §11)."""
 
 from __future__ import annotations
 

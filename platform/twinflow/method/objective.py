@@ -48,7 +48,7 @@ class ObjectiveOutput:
 
 def rcgm_target(f: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, r: torch.Tensor, v: torch.Tensor,
                 rollout: VelocityFn, cond: Any, delta: float, order: int, clip: float | None) -> torch.Tensor:
-    """T = sg(F) − clip(Φ): the RCGM regression target (METHOD.md §3.3).
+    """T = sg(F) − clip(Φ): the RCGM regression target (docs/METHOD.md §8).
 
     Φ = F − v where t − r < δ (flow matching), else Φ = [(t − r)·F − D − δ·v]/δ with D the
     displacement of an ``order``-step rollout of ``rollout`` from s = t − δ, x_s = x_t − δ·v, to r.
@@ -78,7 +78,7 @@ def rcgm_target(f: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, r: torch.Te
 
 def rectify_delta(net: VelocityFn, x_fake: torch.Tensor, cond: Any, clip: float | None,
                   generator: torch.Generator | None) -> torch.Tensor:
-    """Δv = clip(F(y, −τ, −τ) − F(y, τ, τ)) at y = τ·z'' + (1 − τ)·x_fake, τ ~ U(0, 1) (METHOD.md §4.2)."""
+    """Δv = clip(F(y, −τ, −τ) − F(y, τ, τ)) at y = τ·z'' + (1 − τ)·x_fake, τ ~ U(0, 1) (docs/METHOD.md §10)."""
     tau = rand(x_fake.shape[0], generator, x_fake.device)
     y = interpolate(x_fake, randn_like(x_fake, generator), tau)
     dv = (net(y, -tau, -tau, cond).float() - net(y, tau, tau, cond).float())
@@ -195,7 +195,7 @@ class TwinFlowObjective:
     @torch.no_grad()
     def _one_step_fakes(self, net: VelocityFn, cond: Any, like: torch.Tensor,
                         generator: torch.Generator | None) -> torch.Tensor:
-        """x_fake = z' − F(z', 1, 0): detached one-step samples from fresh noise (METHOD.md §2.6)."""
+        """x_fake = z' − F(z', 1, 0): detached one-step samples from fresh noise (docs/METHOD.md §5, §9)."""
         zf = randn_like(like.float(), generator)
         ones = torch.ones(zf.shape[0], device=zf.device)
         return zf - net(zf.to(like.dtype), ones, torch.zeros_like(ones), cond).float()

@@ -3,7 +3,7 @@
 Noise z sits at t = 1, data x at t = 0:  x_t = t·z + (1 − t)·x,  v = dx_t/dt = z − x.
 The network F(x_t, t, r) predicts the *average* velocity over [r, t], so a jump is
 x_r = x_t − (t − r)·F. Negative time (the fake/"twin" branch) uses the same geometry
-with |t|: only the conditioning signal differs (METHOD.md §1).
+with |t|: only the conditioning signal differs (docs/METHOD.md §2).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The any-step sampler: one TwinFlow checkpoint serves 1, 2, 4 or N NFE (METHOD.md §6).
+"""The any-step sampler: one TwinFlow checkpoint serves 1, 2, 4 or N NFE (docs/METHOD.md §15).
 
 Grid: u = linspace(a, 1 − b, K) (K + 1 points with the last dropped when b = 0), warped by
 Kumaraswamy u ↦ (1 − (1 − u^p)^q)^s, t_i = 1 − u_i, then 0 appended.
@@ -39,7 +39,11 @@ class SamplerConfig:
         require(all(v > 0 for v in self.kumaraswamy), f"{path}.kumaraswamy", "p, q, s must be positive")
 
 
-# Released Qwen-Image settings (METHOD.md §6) and a many-step ODE reference.
+# Released Qwen-Image settings (docs/METHOD.md §15) and a many-step ODE reference.
+DEFAULT_STEPS = 2  # NFE an exported pipeline samples with by default: the released recommendation (2-4)
+PRESET_STEPS = (1, 2, 4)  # NFE values a pipeline folder carries presets for, as released
+
+
 def few_step(steps: int) -> SamplerConfig:
     """1/2/4 NFE as released: r = 0, ρ = 1; gap (0.001, 0.6) for ≤ 2 steps, (0.001, 0.5) beyond."""
     return SamplerConfig(steps=steps, gap=(0.001, 0.6 if steps <= 2 else 0.5), stochastic_ratio=1.0, style="few")

@@ -1,6 +1,6 @@
 """The teacher f̄ used for CFG enhancement and RCGM rollouts, and EMA weight averaging.
 
-Three modes (METHOD.md §3.4):
+Three modes (docs/METHOD.md §12):
   self    the online network itself, evaluated without gradient (no extra memory: the 20B default)
   ema     an exponential moving average of the online weights, with the reference's warm-up:
           the first update copies, then the decay d climbs toward its target as
@@ -47,18 +47,42 @@ class SelfTeacher:
         pass
 
 
-class EmaWeights:
-    """A frozen copy of a module whose parameters track an EMA of the online ones.
+class EmaDecay:
+    """The EMA decay and its warm-up, the one rule for every EMA here (module copies below, the LoRA
+    "ema" adapter in twinflow.models.lora).
 
-    ``warmup=True`` follows the reference schedule (first update copies; d climbs to ``decay``);
-    ``warmup=False`` uses ``decay`` from the first update.
+    An update lerps the EMA toward the online weights by 1 − ``current_decay`` and then calls
+    ``_advance``. ``warmup=True`` follows the reference schedule: the first update copies (d = 0), then
+    d ← d + (1 − d)(d_target − d)/2 after each update; ``warmup=False`` uses ``decay`` from the first
+    update. ``current_decay``, ``num_updates`` and ``target_decay`` are saved with the EMA weights.
     """
 
-    def __init__(self, module: nn.Module, decay: float, warmup: bool = True):
-        self.module = copy.deepcopy(module).eval().requires_grad_(False)
+    def __init__(self, decay: float, warmup: bool = True):
         self.target_decay = float(decay)
         self.current_decay = 0.0 if warmup else float(decay)
         self.num_updates = 0
+
+    def _advance(self) -> None:
+        """After an update made with ``current_decay``: count it and move the decay on."""
+        d = self.current_decay
+        self.num_updates += 1
+        self.current_decay = d + (1 - d) * (self.target_decay - d) / 2
+
+    def _decay_state(self) -> dict:
+        return {"current_decay": self.current_decay, "num_updates": self.num_updates,
+                "target_decay": self.target_decay}
+
+    def _load_decay_state(self, state: dict) -> None:
+        self.current_decay = float(state["current_decay"])
+        self.num_updates = int(state["num_updates"])
+
+
+class EmaWeights(EmaDecay):
+    """A frozen copy of a module whose parameters track an EMA of the online ones (warm-up: EmaDecay)."""
+
+    def __init__(self, module: nn.Module, decay: float, warmup: bool = True):
+        super().__init__(decay, warmup)
+        self.module = copy.deepcopy(module).eval().requires_grad_(False)
 
     @torch.no_grad()
     def update(self, online: nn.Module) -> None:
@@ -70,17 +94,14 @@ class EmaWeights:
         torch._foreach_lerp_(ema_params, [p.detach().to(e.dtype) for p, e in zip(src_params, ema_params)], 1.0 - d)
         for eb, sb in zip(self.module.buffers(), online.buffers()):
             eb.copy_(sb)
-        self.num_updates += 1
-        self.current_decay = d + (1 - d) * (self.target_decay - d) / 2
+        self._advance()
 
     def state_dict(self) -> dict:
-        return {"module": self.module.state_dict(), "current_decay": self.current_decay,
-                "num_updates": self.num_updates, "target_decay": self.target_decay}
+        return {"module": self.module.state_dict(), **self._decay_state()}
 
     def load_state_dict(self, state: dict) -> None:
         self.module.load_state_dict(state["module"])
-        self.current_decay = float(state["current_decay"])
-        self.num_updates = int(state["num_updates"])
+        self._load_decay_state(state)
 
 
 class EmaTeacher(EmaWeights):

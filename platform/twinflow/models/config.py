@@ -16,10 +16,17 @@ from typing import Literal
 import torch
 
 from twinflow.config.errors import require
+from twinflow.dtypes import DTYPE_NAMES, torch_dtype
 from twinflow.models.lora import LoraSettings
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_hub_id(path: str) -> bool:
+    """Whether ``path`` reads as a Hugging Face hub id (``owner/name``, e.g. Qwen/Qwen-Image) rather than
+    a local path: the hub-id pattern, and not starting with ``.``, ``/`` or ``~``. Says nothing about
+    whether the id exists; test the local folder first."""
+    return _HUB_ID.match(path) is not None and not path.startswith((".", "/", "~"))
 
 
 @dataclass
@@ -40,7 +47,7 @@ class QwenImageModelConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.dtype]
+        return torch_dtype(self.dtype)
 
     def validate(self, path: str = "model") -> None:
         p = path or "model"
@@ -56,10 +63,10 @@ class QwenImageModelConfig:
                     f"{p}.path", f"{self.path} is not a diffusers pipeline folder (no model_index.json or "
                                  f"{self.subfolder}/config.json)")
         else:
-            require(_HUB_ID.match(self.path) is not None and not self.path.startswith((".", "/", "~")),
-                    f"{p}.path", f"{self.path} does not exist locally and is not a hub id like Qwen/Qwen-Image")
+            require(is_hub_id(self.path), f"{p}.path",
+                    f"{self.path} does not exist locally and is not a hub id like Qwen/Qwen-Image")
         require(self.mode in ("lora", "full"), f"{p}.mode", f"must be lora or full, got {self.mode!r}")
-        require(self.dtype in _DTYPES, f"{p}.dtype", f"must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        require(self.dtype in DTYPE_NAMES, f"{p}.dtype", f"must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
         require(not (self.ema and self.mode == "full"), f"{p}.ema",
                 "only applies to mode lora (full mode's EMA teacher is a module copy); set it to false")
         if self.mode == "lora":

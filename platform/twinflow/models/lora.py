@@ -1,11 +1,11 @@
-"""LoRA for the TwinFlow Qwen-Image transformer, and the LoRA teachers (METHOD.md §3.4, §7).
+"""LoRA for the TwinFlow Qwen-Image transformer, and the LoRA teachers (docs/METHOD.md §12, §16).
 
 Targets are the reference's Qwen-Image list (attention q/k/v/out of both streams, both MLPs,
 and the pretrained timestep embedder's two linears), PEFT ``init_lora_weights="gaussian"``, LoRA
 weights in fp32 next to a frozen (bf16) base.
 
 Design choice, E2 (``time_text_embed_2``): it is *not* LoRA'd, it is fully trainable. The
-reference's LoRA recipe has no E2 at all (it feeds the single scalar t − r/2, METHOD.md §2.3,
+reference's LoRA recipe has no E2 at all (it feeds the single scalar t − r/2, docs/METHOD.md §17,
 issue #32); we keep the full-parameter rule temb = E1(t) + (t − r)·E2(r) in both modes. E2 starts
 as a copy of E1 but must learn a new function (an embedding of the target time scaled by t − r);
 a low-rank update of a frozen copy would restrict exactly the part that has no pretrained
@@ -16,7 +16,8 @@ solution, and E2 is small (two linears, ~10 M parameters for 20B, ≈0.05 %). Th
 Teachers (method/teacher.py protocol):
   LoraEmaTeacher     a second adapter "ema" in the same model + an EMA copy of E2; velocity()
                      switches to it under no_grad; update() lerps default → ema with the
-                     reference warm-up (first update copies, then d ← d + (1 − d)(d* − d)/2).
+                     reference warm-up of method.teacher.EmaDecay (first update copies, then
+                     d ← d + (1 − d)(d* − d)/2).
   LoraFrozenTeacher  adapters disabled + the initial E2: the pretrained model (CFG teacher only;
                      RCGM rollouts use the online model, ``rollout_uses_online``).
 Adapter switching goes through ``active_adapter``, which restores the active adapter *and* every
@@ -35,9 +36,10 @@ import torch
 from torch import nn
 
 from twinflow.config.errors import ConfigError, require
-from twinflow.method.teacher import SelfTeacher, Teacher, make_teacher
+from twinflow.dtypes import DTYPE_NAMES, torch_dtype
+from twinflow.method.teacher import EmaDecay, SelfTeacher, Teacher, make_teacher
 
-# METHOD.md §7 (src/steerers/qwenimage/sft_ddp_lora.py): PEFT suffix names in diffusers' module tree.
+# docs/METHOD.md §16 (reference: src/steerers/qwenimage/sft_ddp_lora.py): PEFT suffix names in diffusers' module tree.
 QWEN_IMAGE_LORA_TARGETS: tuple[str, ...] = (
     "to_k", "to_q", "to_v", "to_out.0",
     "add_k_proj", "add_q_proj", "add_v_proj", "attn.to_add_out",
@@ -47,7 +49,6 @@ QWEN_IMAGE_LORA_TARGETS: tuple[str, ...] = (
 DEFAULT_ADAPTER = "default"
 EMA_ADAPTER = "ema"
 _E2 = "time_text_embed_2"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -65,11 +66,11 @@ class LoraSettings:
         require(self.alpha > 0, f"{path}.alpha", f"must be > 0, got {self.alpha}")
         require(len(self.targets) > 0, f"{path}.targets", "must list at least one module name")
         require(0 <= self.dropout < 1, f"{path}.dropout", f"must be in [0, 1), got {self.dropout}")
-        require(self.dtype in _DTYPES, f"{path}.dtype", f"must be one of {', '.join(_DTYPES)}")
+        require(self.dtype in DTYPE_NAMES, f"{path}.dtype", f"must be one of {', '.join(DTYPE_NAMES)}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.dtype]
+        return torch_dtype(self.dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -252,8 +253,9 @@ def merge_lora(transformer: nn.Module, adapter_name: str = DEFAULT_ADAPTER,
 # ---------------------------------------------------------------------------
 
 
-class LoraEmaTeacher:
-    """EMA teacher held in the adapter "ema" of the online model, plus an EMA copy of E2."""
+class LoraEmaTeacher(EmaDecay):
+    """EMA teacher held in the adapter "ema" of the online model, plus an EMA copy of E2 (decay and its
+    warm-up: method.teacher.EmaDecay, as for module copies)."""
 
     rollout_uses_online = False
 
@@ -271,9 +273,7 @@ class LoraEmaTeacher:
             raise ValueError("the LoRA-EMA teacher needs whole parameters (DDP or ZeRO-1/2), not ZeRO-3 partitions")
         e2 = getattr(transformer, _E2, None)
         self.e2 = copy.deepcopy(e2).requires_grad_(False) if e2 is not None else None
-        self.target_decay = float(decay)
-        self.current_decay = 0.0 if warmup else float(decay)
-        self.num_updates = 0
+        super().__init__(decay, warmup)
 
     @torch.no_grad()
     def velocity(self, x, t, r, cond):
@@ -291,13 +291,11 @@ class LoraEmaTeacher:
             dst += list(self.e2.parameters())
             src += [p.detach().to(q.dtype) for p, q in zip(online_e2.parameters(), self.e2.parameters())]
         torch._foreach_lerp_(dst, src, 1.0 - d)
-        self.num_updates += 1
-        self.current_decay = d + (1 - d) * (self.target_decay - d) / 2
+        self._advance()
 
     def state_dict(self) -> dict:
         return {"ema": lora_state_dict(self.transformer, self.adapter, target_embedder=self.e2),
-                "current_decay": self.current_decay, "num_updates": self.num_updates,
-                "target_decay": self.target_decay}
+                **self._decay_state()}
 
     def load_state_dict(self, state: dict) -> None:
         ema = dict(state["ema"])
@@ -306,8 +304,7 @@ class LoraEmaTeacher:
                              self.adapter)
         if self.e2 is not None and e2_state:
             self.e2.load_state_dict(e2_state)
-        self.current_decay = float(state["current_decay"])
-        self.num_updates = int(state["num_updates"])
+        self._load_decay_state(state)
 
 
 class LoraFrozenTeacher:

@@ -34,18 +34,25 @@ from diffusers.pipelines.qwenimage.pipeline_output import QwenImagePipelineOutpu
 from diffusers.utils.torch_utils import randn_tensor
 
 from twinflow.config.tree import from_dict, to_dict
-from twinflow.method.sampler import SamplerConfig, few_step, sample
+from twinflow.method.sampler import DEFAULT_STEPS, PRESET_STEPS, SamplerConfig, few_step, sample
 from twinflow.models.qwen_encode import decode_latents
-from twinflow.models.qwen_image import QwenImageVelocity, TwinFlowQwenImageTransformer2DModel
+from twinflow.models.qwen_image import TwinFlowQwenImageTransformer2DModel
+from twinflow.models.qwen_velocity import QwenImageVelocity
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_STEPS = 2  # the released recommendation: 2 NFE (README: 2-4)
+def default_sampler_presets(steps=PRESET_STEPS) -> dict[str, dict]:
+    """The released few-step grids (``sampler.few_step``) for each NFE in ``steps``: 1/2/4 as released
+    for Qwen-Image."""
+    return {str(k): to_dict(few_step(k)) for k in sorted(set(steps))}
 
 
-def default_sampler_presets() -> dict[str, dict]:
-    """1/2/4 NFE as released for Qwen-Image (METHOD.md §6)."""
-    return {str(k): to_dict(few_step(k)) for k in (1, 2, 4)}
+def save_pipeline(transformer, base_path: str, folder, presets: dict, default_steps: int, dtype: torch.dtype) -> None:
+    """Base pipeline components (loaded in ``dtype``) + ``transformer`` + sampler presets -> ``folder``:
+    what a finished run (train/export.py) and the export job both write."""
+    pipe = TwinFlowQwenImagePipeline.from_pretrained(base_path, transformer=transformer, dtype=dtype)
+    pipe.set_sampler_presets(presets, default_steps)
+    pipe.save_pretrained(folder)
 
 
 def _presets_to_json(presets: dict[Any, SamplerConfig | dict]) -> dict[str, dict]:

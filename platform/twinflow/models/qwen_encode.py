@@ -7,7 +7,7 @@ batch, a training batch and a generation all see the same tensors (docs/DESIGN.m
   cond     {"prompt_embeds": [B, L, D] float32, "prompt_mask": [B, L] int64} from
            ``QwenImagePipeline.encode_prompt`` (template, drop of the system prefix, padding to the
            longest prompt, truncation to ``max_sequence_length`` — all diffusers' own code).
-  uncond   the prompt ``UNCOND_PROMPT`` = "Generate an image." encoded the same way (METHOD.md §3.2:
+  uncond   the prompt ``UNCOND_PROMPT`` = "Generate an image." encoded the same way (docs/METHOD.md §6:
            the reference's ∅ is this prompt, not an empty one).
   latents  ``(z − latents_mean) / latents_std`` of the VAE posterior *mean*, frame axis dropped,
            [B, 16, H/8, W/8] for the real VAE.

@@ -29,8 +29,6 @@ from twinflow.plan.measure import CountingVelocity, StepResult, objective_step, 
 from twinflow.plan.memory import MemoryPlan, plan_memory
 from twinflow.plan.inputs import PlanInputs, resolve_architecture
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
-
 
 @dataclass
 class Rig:
@@ -76,7 +74,8 @@ def build_rig(inputs: PlanInputs, device: str | torch.device = "cpu", seed: int 
     ``init_context``: where the weights are created (e.g. ``torch.device("cuda")``); default: ``device``.
     """
     from twinflow.models.lora import add_lora
-    from twinflow.models.qwen_image import QwenImageVelocity, build_twinflow_transformer
+    from twinflow.models.qwen_loading import build_twinflow_transformer
+    from twinflow.models.qwen_velocity import QwenImageVelocity
     from twinflow.plan.forwards import worst_case_schedule
 
     device = torch.device(device)
@@ -84,7 +83,7 @@ def build_rig(inputs: PlanInputs, device: str | torch.device = "cpu", seed: int 
     torch.manual_seed(seed)
     ctx = init_context if init_context is not None else (torch.device(device) if device.type != "cpu"
                                                          else contextlib.nullcontext())
-    transformer = build_twinflow_transformer(arch, torch_dtype=_DTYPES[inputs.model.dtype], init_context=ctx)
+    transformer = build_twinflow_transformer(arch, torch_dtype=inputs.model.torch_dtype, init_context=ctx)
     if inputs.model.mode == "lora":
         with ctx:
             add_lora(transformer, inputs.model.lora)
@@ -139,13 +138,14 @@ def measure_block_saved(inputs: PlanInputs, block: int = 1) -> dict[str, float]:
     (unique storages, parameters excluded). Two forwards with different token counts separate
     the image and text streams' shares."""
     from twinflow.models.lora import add_lora
-    from twinflow.models.qwen_image import QwenImageVelocity, build_twinflow_transformer
+    from twinflow.models.qwen_loading import build_twinflow_transformer
+    from twinflow.models.qwen_velocity import QwenImageVelocity
 
     arch = resolve_architecture(inputs)
     if int(arch["num_layers"]) <= block:
         raise ValueError(f"the architecture has {arch['num_layers']} blocks; cannot measure block {block}")
     torch.manual_seed(0)
-    transformer = build_twinflow_transformer(arch, torch_dtype=_DTYPES[inputs.model.dtype])
+    transformer = build_twinflow_transformer(arch, torch_dtype=inputs.model.torch_dtype)
     if inputs.model.mode == "lora":
         add_lora(transformer, inputs.model.lora)
     else:

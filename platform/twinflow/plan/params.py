@@ -58,7 +58,7 @@ def meta_transformer(architecture: dict[str, Any]) -> nn.Module:
     """The TwinFlow transformer of ``architecture`` on the meta device."""
     from accelerate import init_empty_weights
 
-    from twinflow.models.qwen_image import build_twinflow_transformer
+    from twinflow.models.qwen_loading import build_twinflow_transformer
 
     return build_twinflow_transformer(dict(architecture), init_context=init_empty_weights())
 

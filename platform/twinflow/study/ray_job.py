@@ -175,26 +175,41 @@ class TrainedRun:
     train_s: float
 
 
-def fit_runs(runs: list[dict], workers: int, storage: Path, name: str, mixture_modes: int,
-             mixture_seed: int, parallel: str = "runs") -> list[TrainedRun]:
-    """Train ``runs`` ({dataset, method_name, method: TwinFlowConfig, train: TrainSettings}) in one
-    Ray Train job; return each run's sampling network (EMA weights when kept) in order."""
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+def study_trainer(runs: list[dict], workers: int, run_config, *, resources_per_worker: dict | None = None,
+                  threads: int | None = None, mixture_modes: int = 8, mixture_seed: int = 0,
+                  parallel: str = "runs", probe: dict | None = None):
+    """The TorchTrainer that trains ``runs`` ({dataset, method_name, method: TwinFlowConfig, train:
+    TrainSettings}) with ``worker_loop``: the one place that knows the loop's config format (the
+    study's ``fit_runs`` and the sweep's digits trials both build it here). ``probe``: rank 0 reports
+    1-NFE quality with every log row (tune/probes.py)."""
+    from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     if parallel not in PARALLEL_MODES:
         raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {parallel!r}")
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    resources = dict(resources_per_worker or {"CPU": 1})
+    if threads is None:
+        threads = max(1, (os.cpu_count() or 1) // workers)
     config = {"runs": [{"dataset": r["dataset"], "method_name": r["method_name"], "method": to_dict(r["method"]),
                         "train": to_dict(r["train"])} for r in runs],
               "mixture_modes": mixture_modes, "mixture_seed": mixture_seed, "threads_per_worker": threads,
               "parallel": parallel}
-    trainer = TorchTrainer(
-        worker_loop, train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker={"CPU": 1}),
-        torch_config=TorchConfig(backend="gloo", timeout_s=600),
-        run_config=RunConfig(name=name, storage_path=str(storage.resolve()),
-                             checkpoint_config=CheckpointConfig(num_to_keep=None)))
+    if probe is not None:
+        config["probe"] = probe
+    return TorchTrainer(worker_loop, train_loop_config=config,
+                        scaling_config=ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker=resources),
+                        torch_config=TorchConfig(backend="gloo", timeout_s=600), run_config=run_config)
+
+
+def fit_runs(runs: list[dict], workers: int, storage: Path, name: str, mixture_modes: int,
+             mixture_seed: int, parallel: str = "runs") -> list[TrainedRun]:
+    """Train ``runs`` in one Ray Train job (``study_trainer``); return each run's sampling network (EMA
+    weights when kept) in order."""
+    from ray.train import CheckpointConfig, RunConfig
+
+    trainer = study_trainer(runs, workers, RunConfig(name=name, storage_path=str(storage.resolve()),
+                                                     checkpoint_config=CheckpointConfig(num_to_keep=None)),
+                            mixture_modes=mixture_modes, mixture_seed=mixture_seed, parallel=parallel)
     result = trainer.fit()
     states: dict[int, dict] = {}
     for checkpoint, _ in result.best_checkpoints:

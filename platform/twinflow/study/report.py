@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from twinflow.study.datasets import Digits, Mixture2D, digits_to_uint8
+from twinflow.study.datasets import Digits, digits_to_uint8
 
 COLUMNS = {
     "digits": ["frechet", "precision", "recall", "diversity", "accuracy"],

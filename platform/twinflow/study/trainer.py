@@ -8,7 +8,6 @@ how the unit tests and quick experiments call it. Blocks are allocated over the 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
@@ -18,6 +17,7 @@ from torch import nn
 from twinflow.config.errors import require
 from twinflow.method import (BatchLayout, EmaWeights, LossNorm, TwinFlowConfig, TwinFlowObjective,
                              allocate_micro_batch, make_teacher)
+from twinflow.method.lr_schedule import cosine_factor, warmup_factor
 from twinflow.models.toy import DigitsNet, ToyMLP
 from twinflow.study.datasets import Digits, Mixture2D
 
@@ -59,10 +59,12 @@ def build_net(data: Digits | Mixture2D, net: NetSettings) -> nn.Module:
 
 
 def lr_factor(step: int, s: TrainSettings) -> float:
-    warm = min(1.0, (step + 1) / max(1, s.warmup_steps))
+    """LR multiplier of optimizer step ``step`` (0-based, as LambdaLR counts): the shared linear warm-up
+    times, for cosine, a cosine over the whole run (method/lr_schedule.py)."""
+    warm = warmup_factor(step, s.warmup_steps)
     if s.lr_schedule == "constant":
         return warm
-    return warm * 0.5 * (1 + math.cos(math.pi * min(step, s.steps) / s.steps))
+    return warm * cosine_factor(step / s.steps)
 
 
 @dataclass

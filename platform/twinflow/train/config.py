@@ -65,7 +65,8 @@ class OptimConfig:
     schedule: Literal["constant", "cosine"] = "constant"
     """constant (the reference), or cosine decay from lr to lr·min_lr_ratio at run.max_steps."""
     warmup_steps: int = 0
-    """Linear warm-up from lr/(warmup_steps + 1) to lr over this many optimizer steps."""
+    """Linear warm-up over this many optimizer steps: lr/warmup_steps on the first, lr on the last
+    (twinflow.method.lr_schedule)."""
     min_lr_ratio: float = 0.0
 
     def validate(self, path: str = "optim") -> None:

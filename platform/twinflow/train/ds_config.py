@@ -13,10 +13,10 @@ Choices that are not DeepSpeed defaults, and why:
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from twinflow.config.tree import deep_merge
+from twinflow.method.lr_schedule import cosine_factor, warmup_factor
 from twinflow.train.config import OptimConfig, TrainConfig
 
 
@@ -53,7 +53,8 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
 
 
 class LrSchedule:
-    """Multiplier of optim.lr per optimizer step: linear warm-up, then constant or cosine.
+    """Multiplier of optim.lr per optimizer step: linear warm-up (lr/w ... lr over the first w steps),
+    then constant or cosine to the floor (method/lr_schedule.py).
 
     A plain object, not a closure: ``LambdaLR.state_dict`` (in every DeepSpeed checkpoint) saves its
     attributes, and on resume ``reset_lr_schedule`` (engine.py) swaps in this submission's settings,
@@ -68,12 +69,10 @@ class LrSchedule:
 
     def __call__(self, step: int) -> float:
         if step < self.warmup:
-            return (step + 1) / (self.warmup + 1)
+            return warmup_factor(step, self.warmup)
         if self.schedule == "constant":
             return 1.0
-        span = max(1, self.max_steps - self.warmup)
-        progress = min(1.0, (step - self.warmup) / span)
-        return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return cosine_factor((step - self.warmup) / max(1, self.max_steps - self.warmup), self.floor)
 
 
 def lr_scheduler_factory(cfg: TrainConfig):

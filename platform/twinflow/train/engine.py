@@ -29,7 +29,8 @@ def build_engine(cfg: TrainConfig, model_path: str, ds_config: dict):
     """(DeepSpeed engine, the unwrapped QwenImageVelocity) for this rank."""
     import deepspeed
 
-    from twinflow.models.qwen_image import build_velocity_model, trainable_parameters
+    from twinflow.models.qwen_loading import build_velocity_model
+    from twinflow.models.qwen_velocity import trainable_parameters
 
     mcfg = dataclasses.replace(cfg.model, path=model_path)
     if cfg.deepspeed.zero_stage == 3:

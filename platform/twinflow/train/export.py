@@ -30,6 +30,7 @@ import torch
 
 from twinflow.config.tree import dump_yaml, to_dict
 from twinflow.train.config import TrainConfig
+from twinflow.train.state import MODULE_PREFIX
 from twinflow.train.tracking import write_jsonl
 
 CONSOLIDATED = "consolidated_model.bin"
@@ -56,8 +57,7 @@ def gather_transformer(engine, cfg: TrainConfig, rank: int):
         plain = TwinFlowQwenImageTransformer2DModel.from_config(dict(velocity.transformer.config))
         if cfg.is_lora:
             add_lora(plain, cfg.model.lora)
-    prefix = "transformer."
-    state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    state = {k[len(MODULE_PREFIX):]: v for k, v in state.items() if k.startswith(MODULE_PREFIX)}
     missing, unexpected = plain.load_state_dict(state, strict=False, assign=True)
     if unexpected or missing:
         raise RuntimeError(f"consolidated ZeRO-3 weights do not fit the model: missing {missing[:3]}, "
@@ -102,18 +102,15 @@ def write_final(transformer, cfg: TrainConfig, model_path: str, out_dir: str | P
 
 def export_pipeline(transformer, cfg: TrainConfig, model_path: str, folder: Path) -> str:
     """A TwinFlowQwenImagePipeline folder: the base pipeline's VAE/text encoder + the trained transformer
-    (LoRA merged), with the export job's default sampler presets (twinflow.export)."""
-    from twinflow.export.config import ExportConfig
-    from twinflow.export.exporter import sampler_presets
-    from twinflow.export.pipeline_folder import save_pipeline
+    (LoRA merged), with the default sampler presets (the export job's defaults too)."""
     from twinflow.models.lora import is_lora, merge_lora
+    from twinflow.models.pipeline import DEFAULT_STEPS, default_sampler_presets, save_pipeline
 
     trained = copy.deepcopy(transformer).to("cpu")
     if is_lora(trained):
         merge_lora(trained, dtype=cfg.model.torch_dtype)
     trained.requires_grad_(False).eval()
-    defaults = ExportConfig()
-    save_pipeline(trained, model_path, folder, sampler_presets(defaults), defaults.default_steps, cfg.model.torch_dtype)
+    save_pipeline(trained, model_path, folder, default_sampler_presets(), DEFAULT_STEPS, cfg.model.torch_dtype)
     return "pipeline"
 
 

@@ -41,7 +41,7 @@ import torch
 from twinflow.config.tree import from_dict, to_dict
 from twinflow.data.digits import digit_prompts
 from twinflow.data.sources import BadDataError
-from twinflow.files import FileProblem, one_line
+from twinflow.files import FileProblem
 from twinflow.method.blocks import LossNorm, allocate_micro_batch
 from twinflow.method.objective import TwinFlowObjective
 from twinflow.method.sampler import few_step, ode
@@ -49,9 +49,9 @@ from twinflow.models.qwen_encode import expand_condition
 from twinflow.train.batches import DataStopped, MicroBatches
 from twinflow.train.config import TrainConfig
 from twinflow.train.faults import Faults
-from twinflow.train.state import (SAMPLES_DIR, CheckpointError, TrainState, check_complete, load_deepspeed_checkpoint,
-                                  mark_complete, read_rank_state, restore_rng, seed_everything, tag_for,
-                                  write_rank_state, write_shared_state)
+from twinflow.train.state import (FINAL_DIR, SAMPLES_DIR, CheckpointError, TrainState, check_complete,
+                                  load_deepspeed_checkpoint, mark_complete, read_rank_state, restore_rng,
+                                  seed_everything, tag_for, write_rank_state, write_shared_state)
 
 INPUT_ERRORS = (BadDataError, CheckpointError, FileProblem, DataStopped)
 """Errors that a restart cannot fix: reported to the user instead of retried."""
@@ -258,7 +258,7 @@ class Worker:
             st.nan_streak += 1
         else:
             st.nan_streak = 0
-            self.teacher.update(self.velocity)
+            self.update_teacher(step)
         st.step = step
         st.epoch, st.micro_in_epoch = self.data.epoch, self.data.index
         st.samples_seen += layout.global_batch
@@ -359,7 +359,7 @@ class Worker:
             teacher_state = self.teacher.state_dict() if hasattr(self.teacher, "state_dict") else None
             with tempfile.TemporaryDirectory(prefix="twinflow-final-") as tmp:
                 write_final(transformer, self.cfg, self.model_path, tmp, self.state.history, teacher_state, grid)
-                uri = self.storage.upload_dir(tmp, "final")
+                uri = self.storage.upload_dir(tmp, FINAL_DIR)
         if self.world > 1:
             dist.barrier()
         return uri
@@ -401,10 +401,61 @@ class Worker:
             self._counts = (now, summarize(ray.get(self.data_counts["ledger"].all.remote())))
         return self._counts[1]
 
+    # ------------------------------------------------------------------ the hooks
+    # One trainer, named hooks: a second method or backbone changes what a hook does, not the loop.
+
+    def update_teacher(self, step: int) -> None:
+        """After every applied optimizer step (self teachers do nothing, EMA ones average)."""
+        self.teacher.update(self.velocity)
+
+    def start_samples(self) -> None:
+        """Before anything is restored or trained: the sample-grid renderer and the base's own columns
+        and scores (probe.kind digits), from the starting weights."""
+        from twinflow.train.samples import SampleGrid
+
+        cfg = self.cfg
+        self.samples = None
+        if not cfg.sample.enabled:
+            return
+        probe_prompts = [p for _, p, _ in digit_prompts()] if cfg.probe.kind == "digits" else None
+        self.samples = SampleGrid(cfg.sample, self.model_path, self.rank, self.world,
+                                  cfg.deepspeed.zero_stage == 3, self.device,
+                                  encoder=self._encoder() if self.spec.kind == "raw" and self.rank == 0 else None,
+                                  max_sequence_length=cfg.encode.max_sequence_length,
+                                  encode_dtype=cfg.encode.dtype, probe_prompts=probe_prompts)
+        self.samples.render_base(self.velocity)
+        self.base_scores = self.digits_scores(cfg.probe.base_nfe, ode) if cfg.probe.kind == "digits" else {}
+
+    def probe(self, step: int, row: dict, reported: bool) -> bool:
+        """At steps reported to Ray (the same on every rank: ZeRO-3 runs the probe on all): the quality
+        probe's metrics into ``row``. True when the row must be logged."""
+        if reported and self.cfg.probe.kind != "none":
+            row.update(self.quality_probe())
+            return True
+        return False
+
+    def sample_grids(self, step: int, checkpoint: bool):
+        """The grid of this step (rank 0; None elsewhere and between grids); every ``sample.every``
+        steps a grid that is not a checkpoint's is saved on its own."""
+        extra = self.cfg.sample.every > 0 and step % self.cfg.sample.every == 0
+        if not (checkpoint or extra):
+            return None, False
+        grid = self.render_grid()
+        if extra and not checkpoint:
+            self.save_extra_grid(step, grid)
+        return grid, True
+
+    def finish(self, grid, grid_step: int | None) -> str | None:
+        """The run reached max_steps: the final grid (unless this attempt just drew it) and the export."""
+        if grid_step != self.state.step:  # resumed at the end: no grid rendered in this attempt yet
+            grid = self.render_grid()
+        return self.export(grid)
+
+    # ------------------------------------------------------------------ the loop
+
     def _run(self) -> dict:
         import ray.train
 
-        from twinflow.train.samples import SampleGrid
         from twinflow.train.tracking import Tracker
 
         cfg = self.cfg
@@ -414,17 +465,7 @@ class Worker:
         except INPUT_ERRORS as exc:
             error = str(exc)
         self.agree(error)
-        self.samples = None
-        if cfg.sample.enabled:
-            probe_prompts = [p for _, p, _ in digit_prompts()] if cfg.probe.kind == "digits" else None
-            self.samples = SampleGrid(cfg.sample, self.model_path, self.rank, self.world,
-                                      cfg.deepspeed.zero_stage == 3, self.device,
-                                      encoder=self._encoder() if self.spec.kind == "raw" and self.rank == 0 else None,
-                                      max_sequence_length=cfg.encode.max_sequence_length,
-                                      encode_dtype=cfg.encode.dtype, probe_prompts=probe_prompts)
-            # Still the starting weights (nothing restored or trained yet): the base's own columns/scores.
-            self.samples.render_base(self.velocity)
-            self.base_scores = self.digits_scores(cfg.probe.base_nfe, ode) if cfg.probe.kind == "digits" else {}
+        self.start_samples()
         resumed = self.restore()
         st = self.state
         self.data = MicroBatches(ray.train.get_dataset_shard("train"), self.spec, self.device, st.epoch,
@@ -441,12 +482,9 @@ class Worker:
                 row = self.train_step(step)
             except DataStopped as exc:  # every rank raises it together (MicroBatches agrees per micro-batch)
                 raise RunStop(str(exc)) from None
-            logged = step % cfg.run.log_every == 0
             checkpoint = step % cfg.run.checkpoint_every == 0 or step == stop_at
             ray_report = checkpoint or bool(every and step % every == 0)
-            if ray_report and cfg.probe.kind != "none":  # the same steps on every rank (ZeRO-3 runs it on all)
-                row.update(self.quality_probe())
-                logged = True
+            logged = self.probe(step, row, ray_report) or step % cfg.run.log_every == 0
             if self.rank == 0 and (logged or checkpoint or row["step_skipped"]):
                 row.update(_data_metrics(self.data_summary(max_age_s=0.0 if checkpoint else 10.0)))
                 st.history.append(_json_row(row))
@@ -455,21 +493,15 @@ class Worker:
             if st.nan_streak >= cfg.run.nan_limit:
                 stop_reason = "nan_limit"
                 break
-            extra_grid = cfg.sample.every > 0 and step % cfg.sample.every == 0
-            grid = self.render_grid() if (checkpoint or extra_grid) else None
-            grid_step = step if (checkpoint or extra_grid) else grid_step
+            grid, drawn = self.sample_grids(step, checkpoint)
+            grid_step = step if drawn else grid_step
             if checkpoint:
                 self.save_checkpoint(row, grid)
-            else:
-                if extra_grid:
-                    self.save_extra_grid(step, grid)
-                if ray_report:
-                    ray.train.report(_ray_metrics(row))
+            elif ray_report:
+                ray.train.report(_ray_metrics(row))
         final = None
         if stop_reason is None and st.step >= cfg.run.max_steps:
-            if grid_step != st.step:  # resumed at the end: no grid rendered in this attempt yet
-                grid = self.render_grid()
-            final = self.export(grid)
+            final = self.finish(grid, grid_step)
             stop_reason = "done"
         elif stop_reason is None:
             stop_reason = "stop_at_step"

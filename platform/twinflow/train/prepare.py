@@ -10,10 +10,12 @@ Re-submitting a run name resumes it. ``check_resubmission`` compares the new con
 ``config.yaml`` the first submission left in the run folder and refuses, before Ray starts,
 changes that would make the checkpoints unusable or the run something else (the model, the data,
 the method, the sharding); schedule length, logging, sampling and fault settings may change.
+``check_same_config`` is that check for any recorded config (tune/sweep.py checks sweep.yaml with it).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 
@@ -74,26 +76,59 @@ def _get(d: dict, dotted: str):
     return d
 
 
+def _strip(d: dict, dotted: str) -> None:
+    *parents, last = dotted.split(".")
+    for p in parents:
+        d = d.get(p, {})
+    d.pop(last, None)
+
+
 def _first_difference(old, new, path: str) -> str | None:
     if isinstance(old, dict) and isinstance(new, dict):
         for key in sorted(set(old) | set(new)):
-            diff = _first_difference(old.get(key), new.get(key), f"{path}.{key}")
+            diff = _first_difference(old.get(key), new.get(key), f"{path}.{key}" if path else key)
             if diff:
                 return diff
         return None
     return None if old == new else f"{path} was {old!r}, now {new!r}"
 
 
+def config_difference(old: dict, new: dict, fixed: tuple[str, ...] = (),
+                      may_change: tuple[str, ...] = ()) -> str | None:
+    """The first difference between two config dicts that matters, as "<dotted> was X, now Y"; None when
+    none. Only the dotted fields ``fixed`` are compared when given, else everything but ``may_change``."""
+    if fixed:
+        for dotted in fixed:
+            diff = _first_difference(_get(old, dotted), _get(new, dotted), dotted)
+            if diff:
+                return diff
+        return None
+    old, new = copy.deepcopy(old), copy.deepcopy(new)
+    for d in (old, new):
+        for dotted in may_change:
+            _strip(d, dotted)
+    return _first_difference(old, new, "")
+
+
+def check_same_config(storage: RunStorage, file: str, cfg, refusal: str, fixed: tuple[str, ...] = (),
+                      may_change: tuple[str, ...] = ()) -> bool:
+    """The "same run, same config?" check of a re-submission (runs here, sweeps in tune/sweep.py).
+
+    The first submission records ``cfg`` as ``file`` in ``storage``; a later one is compared with that
+    record (``config_difference``) and refused with ``ConfigError(refusal)`` when it differs, where
+    ``{uri}`` and ``{diff}`` in ``refusal`` name the folder and the difference. True: the record existed."""
+    if not storage.exists(file):
+        storage.write_bytes(dump_yaml(cfg).encode(), file)
+        return False
+    old = yaml.safe_load(storage.read_bytes(file).decode()) or {}
+    diff = config_difference(old, to_dict(cfg), fixed, may_change)
+    if diff:
+        raise ConfigError(refusal.format(uri=storage.uri(), diff=diff))
+    return True
+
+
 def check_resubmission(storage: RunStorage, cfg: TrainConfig) -> bool:
     """Record the config of a new run, or check a re-submitted one; True when the run existed."""
-    new = to_dict(cfg)
-    if storage.exists(CONFIG_FILE):
-        old = yaml.safe_load(storage.read_bytes(CONFIG_FILE).decode()) or {}
-        for field in RESUME_FIXED:
-            diff = _first_difference(_get(old, field), _get(new, field), field)
-            if diff:
-                raise ConfigError(f"run.name: {storage.uri()} already holds a run and {diff}; re-submit with the same "
-                                  f"settings to resume it, or choose a new run.name")
-        return True
-    storage.write_bytes(dump_yaml(cfg).encode(), CONFIG_FILE)
-    return False
+    return check_same_config(storage, CONFIG_FILE, cfg, fixed=RESUME_FIXED,
+                             refusal="run.name: {uri} already holds a run and {diff}; re-submit with the same "
+                                     "settings to resume it, or choose a new run.name")

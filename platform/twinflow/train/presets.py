@@ -79,7 +79,7 @@ def tiny() -> TrainConfig:
 
 
 def qwen_image_lora() -> TrainConfig:
-    """Qwen-Image 20B, LoRA r64 (the reference's 2-order LoRA recipe, METHOD.md §7), ZeRO-2, bf16,
+    """Qwen-Image 20B, LoRA r64 (the reference's 2-order LoRA recipe, docs/METHOD.md §16), ZeRO-2, bf16,
     one 8-GPU node, pre-cached latents on S3. jobs/configs/qwen_image_lora.yaml serialises it."""
     return TrainConfig(
         model=QwenImageModelConfig(path="Qwen/Qwen-Image", mode="lora", ema=True, dtype="bfloat16",

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,12 +37,20 @@ from typing import Any
 import numpy as np
 import torch
 
-STATE_DIR = "twinflow"
+# The layout of a run on storage, in one place (this module writes the state; export/sources.py reads it).
+FINAL_DIR = "final"  # <run>/final: the end-of-run artefact (train/export.py)
+STATE_DIR = "twinflow"  # <checkpoint>/twinflow: our own state beside DeepSpeed's files
 SHARED_FILE = "shared.json"
 TEACHER_FILE = "teacher.safetensors"
 LEGACY_SHARED_FILE = "shared.pt"
 SAMPLES_DIR = "samples"
 COMPLETE_PREFIX = "complete_rank_"
+# DeepSpeed's files inside <checkpoint>/<tag>/ (its own names; ZeRO-2 keeps one model file, ZeRO-3 one per rank)
+OPTIM_SHARD = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
+ZERO3_MODEL_SHARD = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_\d+_model_states\.pt$")
+ZERO2_MODEL_FILE = "mp_rank_00_model_states.pt"
+MODULE_PREFIX = "transformer."
+"""The training engine wraps the transformer in QwenImageVelocity: its state-dict keys start with this."""
 
 
 class CheckpointError(RuntimeError):

@@ -22,9 +22,10 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
-from twinflow.config.errors import require
+from twinflow.config.errors import ConfigError, require
+from twinflow.config.tree import from_dict, set_dotted, to_dict, validate
 from twinflow.method import TwinFlowConfig, twinflow
 from twinflow.ray_resources import TRAIN
 from twinflow.study.trainer import NetSettings, TrainSettings
@@ -203,9 +204,46 @@ class SweepConfig:
                     f"rungs would fall between reports")
             require(self.asha.grace_period < self.max_t, "asha.grace_period",
                     f"must be below max_t={self.max_t}, or nothing is ever stopped early")
-        from twinflow.tune.trials import check_search_space
-
         check_search_space(self)
+
+
+# ---------------------------------------------------------------------------
+# a trial's config: the target with the sampled values set
+# ---------------------------------------------------------------------------
+
+SWEEP_OWNED = ("run.name", "run.storage_path")
+"""Fields each trial sets itself (the Train run's place); they cannot be searched."""
+
+
+def with_params(config, params: dict[str, Any], where: str):
+    """A copy of a config tree with ``params`` ({dotted path: value}) set, validated. Setting λ clears
+    explicit block weights, which would otherwise override it."""
+    base = to_dict(config)
+    for path, value in params.items():
+        set_dotted(base, path.split("."), value)
+        if path == LAM_PATH:
+            set_dotted(base, ["twinflow", "block_weights"], None)
+    out = from_dict(type(config), base, where)
+    validate(out, where)
+    return out
+
+
+def trial_target(cfg, params: dict[str, Any]):
+    """The target's config (DigitsTarget or TrainConfig) with the trial's values at their dotted paths."""
+    return with_params(cfg.digits if cfg.target == "digits" else cfg.qwen, params, cfg.target)
+
+
+def check_search_space(cfg) -> None:
+    """Every searched path exists in the target and every candidate value builds a valid config."""
+    for path, text in cfg.search_paths().items():
+        if cfg.target == "qwen" and path in SWEEP_OWNED:
+            raise ConfigError(f"search: {path} is set by the sweep for each trial; it cannot be searched")
+        spec = parse_spec(text, f"search {path}")
+        for value in spec.candidates():
+            try:
+                trial_target(cfg, {path: value})
+            except ConfigError as exc:
+                raise ConfigError(f"search {path}={spec}: the target refuses {path}={value!r}: {exc}") from None
 
 
 # ---------------------------------------------------------------------------
@@ -290,23 +328,23 @@ PRESETS = {"digits": digits, "qwen-tiny": qwen_tiny, "qwen-lora-proxy": qwen_lor
 
 def build_sweep(preset: SweepConfig, yaml_path: str | None = None, overrides: list[str] | tuple[str, ...] = (),
                 searches: list[str] | tuple[str, ...] = ()) -> SweepConfig:
-    """preset <- YAML <- --set <- --search FIELD=KIND:ARGS, then validation (as config.tree.build, plus
-    --search, whose field names contain dots and so cannot go through --set)."""
-    from twinflow.config.tree import from_dict, merge_into, parse_override, read_yaml, set_dotted, to_dict, validate
+    """preset <- YAML <- --set <- --search FIELD=KIND:ARGS, then validation (config.tree.build with the
+    searches as an edit: their field names contain dots and so cannot go through --set)."""
+    from twinflow.config.tree import build
+
+    return build(SweepConfig, preset, yaml_path, overrides, edits=[search_edit(searches)])
+
+
+def search_edit(searches: list[str] | tuple[str, ...]):
+    """``--search FIELD=KIND:ARGS`` as an edit of the raw sweep tree: lam / lr are the search section's own
+    fields, any other dotted path goes under search.fields."""
     from twinflow.tune.search import parse_search_arg
 
-    data = to_dict(preset)
-    if yaml_path:
-        data = merge_into(SweepConfig, data, read_yaml(yaml_path))
-    for text in overrides:
-        keys, value = parse_override(text)
-        set_dotted(data, keys, value)
-    for text in searches:
-        key, spec = parse_search_arg(text)
-        if key in ("lam", "lr"):
-            data.setdefault("search", {})[key] = str(spec)
-        else:
-            data.setdefault("search", {}).setdefault("fields", {})[key] = str(spec)
-    cfg = from_dict(SweepConfig, data)
-    validate(cfg)
-    return cfg
+    def edit(data: dict) -> None:  # parsed here, inside the build: a bad --search is a config error
+        for key, spec in (parse_search_arg(text) for text in searches):
+            if key in ("lam", "lr"):
+                data.setdefault("search", {})[key] = str(spec)
+            else:
+                data.setdefault("search", {}).setdefault("fields", {})[key] = str(spec)
+
+    return edit

@@ -174,7 +174,7 @@ def best_train_config(winner: dict, cfg: SweepConfig):
     """The TrainConfig for jobs/train_qwen.py: the swept one (qwen) or the sweep's qwen section with
     the digits winner's λ and lr (digits), then ``promote``; validated like the job validates it."""
     from twinflow.train.config import TrainConfig
-    from twinflow.tune.trials import trial_target, with_params
+    from twinflow.tune.config import trial_target, with_params
 
     if cfg.target == "qwen":
         base = trial_target(cfg, winner_params(winner, cfg))
@@ -186,7 +186,7 @@ def best_train_config(winner: dict, cfg: SweepConfig):
 
 def best_study_config(winner: dict, cfg: SweepConfig):
     from twinflow.study.config import Methods, StudyConfig
-    from twinflow.tune.trials import trial_target
+    from twinflow.tune.config import trial_target
 
     target = trial_target(cfg, winner_params(winner, cfg))
     study = StudyConfig(out=f"runs/study-{cfg.name}-best", datasets=["digits"], methods=["twinflow"],

@@ -20,10 +20,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-
-from twinflow.config.errors import ConfigError
-from twinflow.config.tree import dump_yaml, to_dict
+from twinflow.config.tree import to_dict
+from twinflow.train.prepare import check_same_config
 from twinflow.train.storage import RunStorage
 from twinflow.tune.config import SweepConfig
 from twinflow.tune.resources import TRIAL_DRIVER, cluster_capacity, max_concurrent, per_trial_need
@@ -72,38 +70,11 @@ def param_space(cfg: SweepConfig) -> dict[str, Any]:
     return {path: parse_spec(text, f"search {path}").domain() for path, text in cfg.search_paths().items()}
 
 
-def _strip(d: dict, dotted: str) -> None:
-    *parents, last = dotted.split(".")
-    for p in parents:
-        d = d.get(p, {})
-    d.pop(last, None)
-
-
-def _first_difference(old: Any, new: Any, path: str) -> str | None:
-    if isinstance(old, dict) and isinstance(new, dict):
-        for key in sorted(set(old) | set(new)):
-            diff = _first_difference(old.get(key), new.get(key), f"{path}.{key}" if path else key)
-            if diff:
-                return diff
-        return None
-    return None if old == new else f"{path} was {old!r}, now {new!r}"
-
-
 def check_rerun(storage: RunStorage, cfg: SweepConfig) -> bool:
     """Record sweep.yaml on the first run; on a re-run refuse a different sweep. True: it existed."""
-    new = to_dict(cfg)
-    if storage.exists(SWEEP_FILE):
-        old = yaml.safe_load(storage.read_bytes(SWEEP_FILE).decode()) or {}
-        for d in (old, new):
-            for dotted in MAY_CHANGE:
-                _strip(d, dotted)
-        diff = _first_difference(old, new, "")
-        if diff:
-            raise ConfigError(f"name: {storage.uri()} holds a sweep whose {diff}; re-run with the same settings to "
-                              f"resume it, or choose a new name")
-        return True
-    storage.write_bytes(dump_yaml(cfg).encode(), SWEEP_FILE)
-    return False
+    return check_same_config(storage, SWEEP_FILE, cfg, may_change=MAY_CHANGE,
+                             refusal="name: {uri} holds a sweep whose {diff}; re-run with the same settings to "
+                                     "resume it, or choose a new name")
 
 
 def experiment_trials(path: str, filesystem=None) -> list[dict[str, str]]:

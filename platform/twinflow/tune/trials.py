@@ -21,57 +21,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from twinflow.config.errors import ConfigError
-from twinflow.config.tree import from_dict, set_dotted, to_dict, validate
+from twinflow.config.tree import from_dict
 from twinflow.data.fs import join
 from twinflow.train.config import TrainConfig
 from twinflow.train.storage import RunStorage
+from twinflow.tune.config import SweepConfig, trial_target
 
 TRAIN_RUNS = "train_runs"
-SWEEP_OWNED = ("run.name", "run.storage_path")
-"""Fields each trial sets itself (the Train run's place); they cannot be searched."""
-
-
-def with_params(config, params: dict[str, Any], where: str):
-    """A copy of a config tree with ``params`` ({dotted path: value}) set, validated. Setting λ clears
-    explicit block weights, which would otherwise override it."""
-    from twinflow.tune.config import LAM_PATH
-
-    base = to_dict(config)
-    for path, value in params.items():
-        set_dotted(base, path.split("."), value)
-        if path == LAM_PATH:
-            set_dotted(base, ["twinflow", "block_weights"], None)
-    out = from_dict(type(config), base, where)
-    validate(out, where)
-    return out
-
-
-def trial_target(cfg, params: dict[str, Any]):
-    """The target's config (DigitsTarget or TrainConfig) with the trial's values at their dotted paths."""
-    return with_params(cfg.digits if cfg.target == "digits" else cfg.qwen, params, cfg.target)
-
-
-def check_search_space(cfg) -> None:
-    """Every searched path exists in the target and every candidate value builds a valid config."""
-    from twinflow.tune.search import parse_spec
-
-    for path, text in cfg.search_paths().items():
-        if cfg.target == "qwen" and path in SWEEP_OWNED:
-            raise ConfigError(f"search: {path} is set by the sweep for each trial; it cannot be searched")
-        spec = parse_spec(text, f"search {path}")
-        for value in spec.candidates():
-            try:
-                trial_target(cfg, {path: value})
-            except ConfigError as exc:
-                raise ConfigError(f"search {path}={spec}: the target refuses {path}={value!r}: {exc}") from None
-
-
 def run_trial(config: dict[str, Any], sweep: dict) -> None:
     """The Tune function trainable (wrapped with tune.with_parameters(sweep=...) in sweep.py)."""
     import ray.tune
-
-    from twinflow.tune.config import SweepConfig
 
     cfg = from_dict(SweepConfig, sweep)
     context = ray.tune.get_context()
@@ -89,29 +48,19 @@ def train_runs_path(cfg) -> str:
 
 
 def fit_digits_trial(cfg, target, trial_id: str) -> None:
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train import CheckpointConfig, RunConfig
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from twinflow.study.ray_job import worker_loop
+    from twinflow.study.ray_job import study_trainer
 
     runs = RunStorage.for_run(train_runs_path(cfg), trial_id)
-    loop_config = {
-        "runs": [{"dataset": "digits", "method_name": "twinflow", "method": to_dict(target.twinflow),
-                  "train": to_dict(target.train)}],
-        "mixture_modes": 8, "mixture_seed": 0,  # unused by digits; the worker loop reads them
-        "threads_per_worker": max(1, int(target.resources_per_worker.get("CPU", 1))),
-        "probe": target.probe,
-    }
-    TorchTrainer(
-        worker_loop, train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=target.workers, use_gpu=False,
-                                     resources_per_worker=dict(target.resources_per_worker)),
-        torch_config=TorchConfig(backend="gloo", timeout_s=600),
-        run_config=RunConfig(name=trial_id, **runs.ray_run_config_kwargs(),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1),
-                             callbacks=[TuneReportCallback()]),
-    ).fit()
+    run = {"dataset": "digits", "method_name": "twinflow", "method": target.twinflow, "train": target.train}
+    study_trainer([run], target.workers,
+                  RunConfig(name=trial_id, **runs.ray_run_config_kwargs(), checkpoint_config=CheckpointConfig(num_to_keep=1),
+                            callbacks=[TuneReportCallback()]),
+                  resources_per_worker=dict(target.resources_per_worker),
+                  threads=max(1, int(target.resources_per_worker.get("CPU", 1))), parallel="data",
+                  probe=target.probe).fit()
 
 
 def fit_qwen_trial(cfg, target: TrainConfig, trial_id: str) -> None:

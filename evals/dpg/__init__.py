@@ -1,0 +1,1 @@
+"""The dpg benchmark: its rules (prompts, scoring) and the models that score it."""
