@@ -55,9 +55,13 @@ def lora_run(ray_local, tiny_qwen_image, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def zero3_run(ray_local, tiny_qwen_image, tmp_path_factory):
-    """ZeRO-3 full-parameter, every weight partitioned over the two ranks (persistence threshold 0)."""
-    return _run(tiny_qwen_image, tmp_path_factory, "export-zero3", model={"mode": "full", "ema": False},
-                twinflow={"teacher": "self"}, deepspeed={"zero_stage": 3, "param_persistence_threshold": 0})
+    """The session's shared ZeRO-3 full-parameter run (train_support.zero3_run), checkpointed at STEP."""
+    from train_support import ZERO3_STEPS
+    from train_support import zero3_run as shared
+
+    cfg, run, outcome = shared(tiny_qwen_image, tmp_path_factory)
+    assert ZERO3_STEPS == STEP and (outcome.summary["step"], outcome.summary["stop_reason"]) == (STEP, "done")
+    return cfg, run
 
 
 def _generate(pipe, steps: int = 1) -> torch.Tensor:

@@ -203,3 +203,42 @@ def test_objective_never_exceeds_the_zero3_pass_bound_and_reaches_it(tf):
     objective(net, torch.randn(len(full), 8), torch.zeros(len(full)), full, uncond=torch.ones(len(full)), generator=gen)
     assert net.calls == bound  # every active block present: the bound is exact, not loose
     assert min(counts) < bound  # ranks really do differ without padding
+
+
+def test_a_resubmission_that_raises_max_steps_decays_over_the_new_horizon():
+    """DeepSpeed restores the LambdaLR's state (the step count *and* the schedule object's attributes);
+    reset_lr_schedule keeps the step and puts this submission's horizon in, and the current LR with it."""
+    import types
+
+    from twinflow.train.ds_config import LrSchedule, lr_scheduler_factory
+    from twinflow.train.engine import reset_lr_schedule
+
+    def submission(max_steps: int):
+        cfg = tiny()
+        return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, max_steps=max_steps),
+                                   optim=dataclasses.replace(cfg.optim, lr=1e-3, schedule="cosine", warmup_steps=2,
+                                                             min_lr_ratio=0.1))
+
+    first = submission(10)
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([param], lr=first.optim.lr)
+    sched = lr_scheduler_factory(first)(opt)
+    for _ in range(6):  # six optimizer steps, then the checkpoint
+        opt.step()
+        sched.step()
+    saved = sched.state_dict()
+
+    again = submission(30)
+    opt2 = torch.optim.AdamW([param], lr=again.optim.lr)
+    sched2 = lr_scheduler_factory(again)(opt2)
+    sched2.load_state_dict(saved)  # what DeepSpeed's load_checkpoint does
+    assert sched2.lr_lambdas[0].max_steps == 10  # the restored object still decays over the old horizon
+    reset_lr_schedule(types.SimpleNamespace(lr_scheduler=sched2), again)
+    new_curve = LrSchedule(again.optim, 30)
+    assert sched2.last_epoch == 6 and sched2.lr_lambdas[0].max_steps == 30
+    assert opt2.param_groups[0]["lr"] == pytest.approx(1e-3 * new_curve(6), rel=1e-12)
+    assert new_curve(6) > LrSchedule(first.optim, 10)(6) + 0.1  # the two horizons differ here, visibly
+    for step in range(7, 12):  # and it continues on the new curve
+        opt2.step()
+        sched2.step()
+        assert opt2.param_groups[0]["lr"] == pytest.approx(1e-3 * new_curve(step), rel=1e-12)

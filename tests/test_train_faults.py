@@ -54,3 +54,40 @@ def test_worker_deaths_restart_from_the_last_good_checkpoint(ray_local, tiny_qwe
         assert {"complete_rank_00000", "complete_rank_00001", "rank_00000.json", "rank_00001.json",
                 "rank_00000.safetensors", "rank_00001.safetensors", "shared.json"} <= names
         assert not any(n.endswith(".pt") for n in names if "zero_pp" not in n and "model_states" not in n), names
+
+
+def test_the_post_checkpoint_wait_lasts_until_the_controller_took_the_report(ray_local, tmp_path):
+    """``wait_for_commit`` after ``ray.train.report``: the report is still queued when it starts and taken
+    by the controller (Ray's ~2 s poll) when it returns, so a worker killed afterwards cannot lose it."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    def _report_then_wait(config: dict) -> None:  # defined here: cloudpickle ships it by value
+        import tempfile
+        import time
+        from pathlib import Path
+
+        import ray.train
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        from twinflow.train.loop import wait_for_commit
+
+        queue = get_train_context().execution_context.result_queue
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "state.txt").write_text("step 1")
+            ray.train.report({"step": 1}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            pending = queue.unfinished_tasks  # the report is queued, not yet taken by the controller
+            t0 = time.monotonic()
+            wait_for_commit(timeout_s=60)
+            waited, left = time.monotonic() - t0, queue.unfinished_tasks
+        Path(config["out"]).write_text(f"{pending} {waited} {left}")
+
+    out = tmp_path / "waited.txt"
+    result = TorchTrainer(_report_then_wait, train_loop_config={"out": str(out)},
+                          scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+                          torch_config=TorchConfig(backend="gloo"),
+                          run_config=RunConfig(name="commit-wait", storage_path=str(tmp_path / "runs"))).fit()
+    pending, waited, left = out.read_text().split()
+    assert int(pending) == 1 and int(left) == 0
+    assert float(waited) > 0.05  # it did wait for the poll (not a no-op on a Ray without the internal queue)
+    assert result.checkpoint is not None  # and the checkpoint it waited for is the run's

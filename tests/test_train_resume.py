@@ -124,15 +124,19 @@ def test_reference_run_on_s3_checkpoints_logs_samples_and_exports(ray_local, tin
 
 
 def test_stopped_run_resumes_on_resubmission_with_identical_trajectory(ray_local, tiny_qwen_image, tmp_path_factory,
-                                                                       s3_server, bucket, capsys):
+                                                                       s3_server, bucket, capsys, monkeypatch, tmp_path):
+    """...and logs into the same MLflow run: the resubmission continues the run the first one opened."""
     from twinflow.train.trainer import run_training
 
     root = tmp_path_factory.getbasetemp()
     _, ref, _ = reference_run(tiny_qwen_image, root, s3_server, bucket)
     ref_rows = [json.loads(x) for x in read_s3_text(s3_server, f"{ref.run_uri}/final/metrics.jsonl").splitlines()]
     cfg = tiny_config(tiny_qwen_image, digits_dir(root), f"{bucket}/runs", "split", run={"stop_at_step": 3},
-                      sample={"enabled": False})
+                      sample={"enabled": False}, logging={"mlflow": "auto"})
     fs = s3_server.filesystem()
+    mlruns = tmp_path / "mlruns"  # MLflow 3's file store is opt-in (mlflow-skinny has no database backend)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlruns.as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
 
     first = run_training(cfg, storage_filesystem=fs)
     assert (first.summary["step"], first.summary["stop_reason"], first.summary["final"]) == (3, "stop_at_step", None)
@@ -155,6 +159,15 @@ def test_stopped_run_resumes_on_resubmission_with_identical_trajectory(ray_local
     for step in range(1, 7):
         for key in LOSS_KEYS:
             assert got[step][key] == pytest.approx(want[step][key], rel=1e-6, abs=1e-9), (step, key)
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlruns.as_uri())
+    runs = client.search_runs([client.get_experiment_by_name("twinflow").experiment_id])
+    assert len(runs) == 1, [r.info.run_id for r in runs]  # one run for both submissions
+    logged = client.get_metric_history(runs[0].info.run_id, "loss_total")
+    assert sorted(m.step for m in logged) == [1, 2, 3, 4, 5, 6]  # each step once, across the two
+    assert {m.step: m.value for m in logged} == pytest.approx({k: v["loss/total"] for k, v in want.items()})
 
 
 class _RunsCode:

@@ -13,39 +13,31 @@ import json
 import pytest
 import torch
 
-from train_support import digits_dir, tiny_config
+from train_support import ZERO3_STEPS, digits_dir, tiny_config, zero3_run
 
 pytestmark = [pytest.mark.ray, pytest.mark.deepspeed]
 
 
-def test_zero3_full_parameter_run_partitions_weights_and_exports_them(ray_local, tiny_qwen_image, tmp_path_factory,
-                                                                      tmp_path):
+def test_zero3_full_parameter_run_partitions_weights_and_exports_them(ray_local, tiny_qwen_image, tmp_path_factory):
     from twinflow.models.pipeline import TwinFlowQwenImagePipeline
     from twinflow.models.qwen_image import TwinFlowQwenImageTransformer2DModel
     from twinflow.models.qwen_loading import load_twinflow_transformer
-    from twinflow.train.trainer import run_training
 
-    root = tmp_path_factory.getbasetemp()
-    cfg = tiny_config(tiny_qwen_image, digits_dir(root), str(tmp_path / "runs"), "zero3",
-                      model={"mode": "full", "ema": False},
-                      twinflow={"teacher": "self"},
-                      # persistence threshold 0: even the tiny model's small weights are partitioned
-                      deepspeed={"zero_stage": 3, "param_persistence_threshold": 0},
-                      run={"max_steps": 3, "checkpoint_every": 3, "export_pipeline": True})
-    outcome = run_training(cfg)
+    # The session's ZeRO-3 run (train_support.zero3_run; test_export exports the same one): full-parameter,
+    # self teacher, persistence threshold 0, so even the tiny model's small weights are partitioned.
+    cfg, run, outcome = zero3_run(tiny_qwen_image, tmp_path_factory)
     s = outcome.summary
-    assert (s["step"], s["stop_reason"]) == (3, "done")
+    assert (s["step"], s["stop_reason"]) == (ZERO3_STEPS, "done")
     # Ranks held different TwinFlow blocks, so without padding their passes (and ZeRO-3's gathers)
     # would not have matched.
     assert s["zero3_padding_passes"] > 0
 
-    run = tmp_path / "runs" / "zero3"
-    shard_dir = run / "checkpoint_step_00000003" / "step_00000003"
+    shard_dir = run / f"checkpoint_step_{ZERO3_STEPS:08d}" / f"step_{ZERO3_STEPS:08d}"
     for rank in (0, 1):  # ZeRO-3: every rank saved its own partition of the weights
         assert (shard_dir / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt").is_file()
         assert (shard_dir / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").is_file()
     rows = [json.loads(x) for x in (run / "final" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["grad_norm"] > 0 for r in rows)
+    assert [r["step"] for r in rows] == list(range(1, ZERO3_STEPS + 1)) and all(r["grad_norm"] > 0 for r in rows)
 
     trained = TwinFlowQwenImageTransformer2DModel.from_pretrained(run / "final" / "transformer")
     initial = load_twinflow_transformer(tiny_qwen_image)

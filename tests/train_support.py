@@ -82,6 +82,29 @@ def reference_run(model_dir, root: Path, s3_server, bucket: str):
     return _CACHE["reference"]
 
 
+ZERO3_STEPS = 2
+
+
+def zero3_run(model_dir, tmp_path_factory):
+    """The session's one ZeRO-3 full-parameter run (2 workers, every weight partitioned: persistence
+    threshold 0), 2 steps at lr 1e-2 without warm-up (two Adam steps move every weight by ~2e-2, a
+    contrast the export checks need), checkpoint at step 2, final/ with the pipeline and the sample
+    grid. test_train_runs checks the run, test_export exports it. Returns (cfg, run folder, outcome)."""
+    if "zero3" not in _CACHE:
+        from twinflow.train.trainer import run_training
+
+        root = tmp_path_factory.getbasetemp()
+        storage = tmp_path_factory.mktemp("runs-zero3")
+        cfg = tiny_config(model_dir, digits_dir(root), str(storage), "zero3",
+                          model={"mode": "full", "ema": False}, twinflow={"teacher": "self"},
+                          deepspeed={"zero_stage": 3, "param_persistence_threshold": 0},
+                          optim={"lr": 1e-2, "warmup_steps": 0, "schedule": "constant"},
+                          run={"max_steps": ZERO3_STEPS, "checkpoint_every": ZERO3_STEPS, "export_pipeline": True})
+        outcome = run_training(cfg)
+        _CACHE["zero3"] = (cfg, storage / "zero3", outcome)
+    return _CACHE["zero3"]
+
+
 def read_s3_text(s3_server, uri: str) -> str:
     fs = s3_server.filesystem()
     with fs.open_input_stream(uri.removeprefix("s3://")) as f:
