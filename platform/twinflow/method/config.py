@@ -11,11 +11,45 @@ code paths:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from twinflow.config.errors import require
-from twinflow.method.blocks import BlockWeights, weights_from_lambda
+from twinflow.method.blocks import BLOCK_NAMES, Block, BlockWeights, weights_from_lambda
+
+LOSSES = ("barron", "l2")
+
+
+@dataclass
+class BlockLoss:
+    """One block's loss settings, overriding the objective-wide ones (docs/METHOD.md §11)."""
+
+    loss: Literal["barron", "l2"] | None = None
+    """Per-row loss of this block's rows (one-step rows: also their L_rectify); None: ``twinflow.loss``."""
+    clip: bool = True
+    """Clip this block's RCGM residual Φ at ``twinflow.rcgm_clip`` (off: the raw residual; a
+    near-diagonal row with t − r < δ then regresses on v itself). Fake rows have no RCGM target."""
+
+    def validate(self, path: str) -> None:
+        require(self.loss is None or self.loss in LOSSES, f"{path}.loss",
+                f"must be one of {', '.join(LOSSES)} or null (twinflow.loss), got {self.loss!r}")
+
+
+@dataclass
+class BlockLosses:
+    """``twinflow.block_loss.<block>.{loss, clip}``; the defaults are the released recipe (Barron, clipped)."""
+
+    one_step: BlockLoss = field(default_factory=BlockLoss)
+    near_diag: BlockLoss = field(default_factory=BlockLoss)
+    any_step: BlockLoss = field(default_factory=BlockLoss)
+    fake: BlockLoss = field(default_factory=BlockLoss)
+
+    def of(self, block: Block) -> BlockLoss:
+        return getattr(self, BLOCK_NAMES[block])
+
+    def validate(self, path: str = "twinflow.block_loss") -> None:
+        for name in ("one_step", "near_diag", "any_step", "fake"):
+            getattr(self, name).validate(f"{path}.{name}")
 
 
 @dataclass
@@ -62,8 +96,11 @@ class TwinFlowConfig:
 
     # --- per-sample loss and weighting ------------------------------------------------------
     loss: Literal["barron", "l2"] = "barron"
+    """The per-row loss of every block unless ``block_loss`` says otherwise."""
     barron_alpha: float = 1.0
     barron_c: float = 1e-3
+    block_loss: BlockLosses = field(default_factory=BlockLosses)
+    """Per block: the loss kind and whether its RCGM residual is clipped (docs/METHOD.md §11)."""
     time_weight: Literal["tan", "none"] = "tan"
 
     # --- teacher f̄ for enhancement and rollouts (docs/METHOD.md §12) ----------------------
@@ -91,6 +128,8 @@ class TwinFlowConfig:
         a, b, s = self.time_dist
         require(a > 0 and b > 0 and 0 < s <= 1, f"{p}.time_dist", "Beta(a, b)·scale needs a, b > 0 and 0 < scale <= 1")
         require(0 <= self.teacher_ema_decay <= 1, f"{p}.teacher_ema_decay", "must be in [0, 1]")
+        require(self.loss in LOSSES, f"{p}.loss", f"must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        self.block_loss.validate(f"{p}.block_loss")
         for name in ("rcgm_clip", "rectify_clip"):
             v = getattr(self, name)
             require(v is None or v > 0, f"{p}.{name}", "must be positive or null")
@@ -115,7 +154,8 @@ def rcgm() -> TwinFlowConfig:
 
 
 def twinflow(lam: float = 1 / 3) -> TwinFlowConfig:
-    """TwinFlow: L_base + L_TwinFlow mixed by λ (1/3 is the paper's optimum)."""
+    """TwinFlow: L_base + L_TwinFlow mixed by λ (1/3: the paper's reported best, the paper's λ being a share
+    of the batch; the released code's fixed 1:1:1:1 mix is λ = 1/2 here)."""
     return TwinFlowConfig(lam=lam)
 
 

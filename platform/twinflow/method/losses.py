@@ -12,15 +12,21 @@ def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred - target).pow(2).flatten(1).mean(1)
 
 
+BARRON_EPS = 1e-8
+"""Added to c² in Barron's weight, as the released code does (0.5 % of c² at c = 1e-3)."""
+
+
 def barron(pred: torch.Tensor, target: torch.Tensor, alpha: float = 1.0, c: float = 1e-3) -> torch.Tensor:
     """The reference's "barron_reweighting": an adaptive, stop-gradient weight on the per-sample MSE.
 
-    weight = sg((m/c² / |α − 2| + 1)^((α − 2)/2)),  ℓ = m·weight / c.
+    weight = sg((m/(c² + 1e-8) / |α − 2| + 1)^((α − 2)/2)),  ℓ = m·weight / c.
     For α = 1 and m ≫ c² this is ≈ √m (per-sample RMSE): every sample's gradient is normalised
-    to unit RMS, so no row dominates however far it is from its target.
+    to unit RMS, so no row dominates however far it is from its target. On a multimodal target
+    (several v for one x_t) that makes the minimiser a geometric median, not the mean E[v | x_t]
+    flow matching needs: docs/METHOD.md §11 (and ``BlockLoss`` to use l2 on a block).
     """
     m = per_sample_mse(pred, target)
-    weight = ((m.detach() / c**2) / abs(alpha - 2) + 1).pow((alpha - 2) / 2)
+    weight = ((m.detach() / (c**2 + BARRON_EPS)) / abs(alpha - 2) + 1).pow((alpha - 2) / 2)
     return m * weight / c
 
 

@@ -47,12 +47,14 @@ class ObjectiveOutput:
 
 
 def rcgm_target(f: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, r: torch.Tensor, v: torch.Tensor,
-                rollout: VelocityFn, cond: Any, delta: float, order: int, clip: float | None) -> torch.Tensor:
+                rollout: VelocityFn, cond: Any, delta: float, order: int, clip: float | None,
+                clip_rows: torch.Tensor | None = None) -> torch.Tensor:
     """T = sg(F) − clip(Φ): the RCGM regression target (docs/METHOD.md §8).
 
     Φ = F − v where t − r < δ (flow matching), else Φ = [(t − r)·F − D − δ·v]/δ with D the
     displacement of an ``order``-step rollout of ``rollout`` from s = t − δ, x_s = x_t − δ·v, to r.
     All tensors are fp32 and detached; the gradient of ℓ(F, T) w.r.t. F is ∝ clip(Φ).
+    ``clip_rows`` (bool [B]): clip only those rows' Φ (BlockLoss.clip); None: every row.
     """
     phi = f - v
     far = (t - r) >= delta
@@ -72,7 +74,8 @@ def rcgm_target(f: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, r: torch.Te
             disp = disp + step
         phi[idx] = (expand_time(tf - rf, ff) * ff - disp - delta * vf) / delta
     if clip is not None:
-        phi = phi.clamp(-clip, clip)
+        clipped = phi.clamp(-clip, clip)
+        phi = clipped if clip_rows is None else torch.where(clip_rows.reshape(-1, *[1] * (phi.dim() - 1)), clipped, phi)
     return f - phi
 
 
@@ -167,10 +170,15 @@ class TwinFlowObjective:
             if based.any():
                 idx = based.nonzero().squeeze(1)
                 roll = raw if teacher.rollout_uses_online else teacher.velocity
+                clip_rows = torch.zeros_like(based)
+                for b in Block:
+                    if cfg.block_loss.of(b).clip:
+                        clip_rows |= block_ids == b
                 target[idx] = rcgm_target(fd[idx], x_t[idx], t[idx], r[idx], target[idx], _no_grad(roll),
-                                          select_rows(cond, idx), cfg.rcgm_delta, cfg.rcgm_order, cfg.rcgm_clip)
+                                          select_rows(cond, idx), cfg.rcgm_delta, cfg.rcgm_order, cfg.rcgm_clip,
+                                          clip_rows[idx])
 
-        per_row = sample_loss(cfg.loss, f, target, cfg.barron_alpha, cfg.barron_c)
+        per_row = self._per_row_loss(f, target, block_ids)
         weight = torch.where(fake, torch.ones_like(t), time_weight(t_in, r_in, cfg.time_weight))
         weight = weight * (based | fake).float()
         loss = (weight * per_row).sum() / norm.rows
@@ -184,13 +192,30 @@ class TwinFlowObjective:
                 x_fake, _ = endpoints(x_t[one], t_in[one], fd[one])
                 dv = rectify_delta(_no_grad(raw), x_fake, select_rows(cond, one), cfg.rectify_clip, generator)
             f_one = f[one]
-            rect = sample_loss(cfg.loss, f_one, rectify_target(f_one, dv), cfg.barron_alpha, cfg.barron_c)
+            rect = sample_loss(self._kind(Block.ONE_STEP), f_one, rectify_target(f_one, dv), cfg.barron_alpha,
+                               cfg.barron_c)
             loss = loss + cfg.rectify_coef * rect.sum() / max(norm.one_step_rows, 1e-12)
             _add(stats, "loss/rectify", rect.detach().sum(), int(one.sum()))
             _add(stats, "dv_norm", _row_rms(dv).sum(), int(one.sum()))
 
         _add(stats, "loss/total", loss.detach())  # mean over micro-batches = global-batch loss
         return ObjectiveOutput(loss=loss, stats=stats)
+
+    def _kind(self, block: Block) -> str:
+        return self.cfg.block_loss.of(block).loss or self.cfg.loss
+
+    def _per_row_loss(self, f: torch.Tensor, target: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+        """ℓ(F, T) per row, each block with its own loss kind (BlockLoss.loss)."""
+        cfg = self.cfg
+        kinds = {b: self._kind(b) for b in Block}
+        if len(set(kinds.values())) == 1:
+            return sample_loss(kinds[Block.ONE_STEP], f, target, cfg.barron_alpha, cfg.barron_c)
+        # Both kinds over every row (cheap beside the network), each row taking its block's.
+        losses = {k: sample_loss(k, f, target, cfg.barron_alpha, cfg.barron_c) for k in set(kinds.values())}
+        per_row = losses[kinds[Block.ONE_STEP]]
+        for b, k in kinds.items():
+            per_row = torch.where(block_ids == b, losses[k], per_row)
+        return per_row
 
     @torch.no_grad()
     def _one_step_fakes(self, net: VelocityFn, cond: Any, like: torch.Tensor,

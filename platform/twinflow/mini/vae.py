@@ -58,7 +58,7 @@ def train_vae(recipe: VaeRecipe, size: int, seed: int, progress: Callable[[int, 
         opt.step()
         sched.step()
         if progress is not None:
-            progress(step, {"mse": float(mse), "kl": float(kl)})
+            progress(step, {"mse": mse.detach().item(), "kl": kl.detach().item()})
     vae.eval()
     with torch.no_grad():
         mu = torch.cat([vae.encode(pixels[i:i + 256][:, :, None]).latent_dist.mode()[:, :, 0]

@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from twinflow.config.errors import ConfigError
-from twinflow.config.tree import dump_yaml, to_dict
+from twinflow.config.tree import dump_yaml, from_dict, to_dict
 from twinflow.models.tiny_qwen import build_once, cache_dir
 from twinflow.train.config import DIGITS_SOURCE, TrainConfig
 from twinflow.train.storage import RunStorage
@@ -121,6 +121,10 @@ def check_same_config(storage: RunStorage, file: str, cfg, refusal: str, fixed: 
         storage.write_bytes(dump_yaml(cfg).encode(), file)
         return False
     old = yaml.safe_load(storage.read_bytes(file).decode()) or {}
+    try:  # read through today's config class: a field added since the record was written takes its default
+        old = to_dict(from_dict(type(cfg), old))
+    except ConfigError:
+        pass  # a field since removed or renamed: compare the record as written
     diff = config_difference(old, to_dict(cfg), fixed, may_change)
     if diff:
         raise ConfigError(refusal.format(uri=storage.uri(), diff=diff))
