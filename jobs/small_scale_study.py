@@ -51,6 +51,8 @@ SHORTCUTS = (
              "(--set parallel=data: every run data-parallel over all of them)", type=int),
     Shortcut("--mixture-modes", "mixture.modes={}", "modes of the 2-D mixture (default 8)", type=int),
     Shortcut("--mixture-seed", "mixture.seed={}", "seed choosing the mixture (default 0)", type=int),
+    Shortcut("--train-seeds", "train_seeds={}", "independently trained runs per cell; every table cell is their "
+             "mean ± std (default 3, 1 with --quick)", type=int),
     Shortcut("--sweep-lam", _sweep_lam, "λ ablation instead of the comparison: TwinFlow at each λ (default "
              "0,1/6,1/3,1/2,2/3) on digits unless --datasets says otherwise", nargs="?", const="paper",
              metavar="L1,L2,..."),

@@ -8,7 +8,6 @@ Barron (α = 1, per-row unit-norm gradients) gives a geometric median, and the c
 
 import pytest
 import torch
-from torch import nn
 
 from twinflow.config.errors import ConfigError
 from twinflow.method import Block, BatchLayout, BlockWeights, TwinFlowObjective, allocate_micro_batch, rcgm_target, twinflow

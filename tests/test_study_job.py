@@ -45,6 +45,13 @@ def test_tiny_study_through_ray_train_writes_the_documented_schema(ray_local, tm
         for method in ("fm", "rcgm", "twinflow"):
             assert (tmp_path / f"samples_{ds}_{method}.png").stat().st_size > 1000
     assert results["timing"]["digits/twinflow"]["train_s"] > 0
+    # ratios to flow matching at 100 NFE: the reference itself is 1, the floor-corrected one too
+    ref = on_disk["ratios"]["mixture2d"]["fm"]["nfe_100"]
+    assert ref["ratio"] == pytest.approx(1.0) and ref["floor_corrected"] == pytest.approx(1.0) and ref["floor"] > 0
+    tf1 = on_disk["ratios"]["mixture2d"]["twinflow"]["nfe_1"]
+    assert tf1["ratio"] == pytest.approx(on_disk["mixture2d"]["twinflow"]["nfe_1"]["sliced_w2"]
+                                         / on_disk["mixture2d"]["fm"]["nfe_100"]["sliced_w2"])
+    assert "relative to flow matching at 100 NFE" in md
 
     # parallel=runs (the default): each worker trained whole runs alone, so every run is exactly the
     # single-process run of its settings, and each came back under its own name
@@ -67,13 +74,20 @@ def test_lambda_sweep_writes_a_curve_over_lambda(ray_local, tmp_path):
 
     cfg = build(type(quick()), quick(), overrides=[
         f"out={tmp_path}", "datasets=[digits]", "sweep_lam=[0.0, 0.5]", "digits.steps=30", "digits.log_every=10",
-        "eval.nfe=[1]", "parallel=data"])  # every run DDP over both workers: the other wiring
+        "eval.nfe=[1]", "parallel=data", "train_seeds=2"])  # every run DDP over both workers: the other wiring
     results = run_study(cfg, log=lambda *_: None)
     sweep = json.loads((tmp_path / "results.json").read_text())["lam_sweep"]["digits"]
     assert set(sweep) == {"0.0000", "0.5000"}
     assert sweep["0.0000"]["nfe_1"]["frechet"] != sweep["0.5000"]["nfe_1"]["frechet"]
+    # two training seeds per λ: two different runs, their mean and spread
+    cell = sweep["0.5000"]["nfe_1"]
+    a, b = cell["frechet_per_seed"]
+    assert cell["train_seeds"] == 2 and a != b
+    assert cell["frechet"] == pytest.approx((a + b) / 2) and cell["frechet_train_std"] == pytest.approx(abs(a - b) / 2)
+    assert set(results["timing"]) >= {"digits/twinflow_lam0.5000/seed0", "digits/twinflow_lam0.5000/seed1"}
     assert "digits" not in results  # the sweep replaces the method comparison
-    assert "## λ sweep on digits" in (tmp_path / "results.md").read_text()
+    md = (tmp_path / "results.md").read_text()
+    assert "## λ sweep on digits" in md and "2 training seeds" in md
     assert (tmp_path / "lam_sweep.png").stat().st_size > 1000
 
 

@@ -68,6 +68,9 @@ class StudyConfig:
                                                                            net=NetSettings(width=256, depth=4)))
     mixture: MixtureSettings = field(default_factory=MixtureSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
+    train_seeds: int = 3
+    """Independently trained runs per cell (training seed = <dataset>.seed + k); every metric is the
+    mean over them with its spread (study/seeds.py). Evaluation seeds (eval.seeds) come on top."""
     sweep_lam: list[float] = field(default_factory=list)
     """λ values for the λ ablation (--sweep-lam): TwinFlow alone on ``datasets`` at each λ, scored
     at 1 NFE (plus the other eval.nfe), written as results["lam_sweep"] and a λ plot."""
@@ -86,6 +89,7 @@ class StudyConfig:
                         f"{s.batch_size} is not divisible by workers={self.workers} (parallel: data)")
         require(all(k >= 1 for k in self.eval.nfe), "eval.nfe", "every NFE must be >= 1")
         require(self.eval.seeds >= 1, "eval.seeds", "must be >= 1")
+        require(self.train_seeds >= 1, "train_seeds", f"must be >= 1, got {self.train_seeds}")
         require(self.mixture.modes >= 1, "mixture.modes", "must be >= 1")
         require(all(0 <= lam <= 1 for lam in self.sweep_lam), "sweep_lam", "every λ must be in [0, 1]")
 
@@ -104,6 +108,7 @@ def quick() -> StudyConfig:
         s.log_every = 100
         s.ema_decay = 0.99  # a 0.999 average would still remember the initial weights
     cfg.eval = EvalSettings(nfe=[1, 2, 4, 100], seeds=1, mixture_samples=5000)
+    cfg.train_seeds = 1
     return cfg
 
 

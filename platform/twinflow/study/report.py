@@ -17,8 +17,17 @@ LOWER_IS_BETTER = {"frechet", "sliced_w2", "off_mode"}
 
 
 def _cell(row: dict, col: str, seeds: int) -> str:
-    """mean ± std over evaluation seeds; the mean alone with one seed (its std is no measurement)."""
+    """mean ± std over training seeds when there are several (study/seeds.py), else over evaluation
+    seeds; the mean alone with one of each (its std is no measurement)."""
+    if row.get("train_seeds", 1) > 1:
+        return f"{row[col]:.3f} ± {row[col + '_train_std']:.3f}"
     return f"{row[col]:.3f} ± {row[col + '_std']:.3f}" if seeds > 1 else f"{row[col]:.3f}"
+
+
+def _spread(cfg) -> str:
+    if cfg.train_seeds > 1:
+        return f"{cfg.train_seeds} training seeds × {cfg.eval.seeds} eval seed(s); mean ± std over training seeds"
+    return f"{cfg.eval.seeds} eval seed(s)" + ("; mean ± std" if cfg.eval.seeds > 1 else "")
 
 
 def write_markdown(path: Path, results: dict, cfg) -> str:
@@ -29,8 +38,7 @@ def write_markdown(path: Path, results: dict, cfg) -> str:
             continue
         cols = COLUMNS[ds]
         steps = getattr(cfg, ds).steps
-        spread = "; mean ± std" if cfg.eval.seeds > 1 else ""
-        lines += [f"## {ds} ({steps} steps, {cfg.eval.seeds} eval seed(s){spread})", "",
+        lines += [f"## {ds} ({steps} steps, {_spread(cfg)})", "",
                   "| method | NFE | " + " | ".join(f"{c} {'↓' if c in LOWER_IS_BETTER else '↑'}" for c in cols)
                   + " | sampler |",
                   "|---|---|" + "---|" * (len(cols) + 1)]
@@ -43,16 +51,33 @@ def write_markdown(path: Path, results: dict, cfg) -> str:
             cells = [f"{ref[c]:.3f}" if c in ref else "—" for c in cols]
             lines.append("| real vs real | — | " + " | ".join(cells) + " | floor |")
         lines.append("")
+        lines += _ratio_table(ds, results.get("ratios", {}).get(ds, {}))
     text = "\n".join(lines)
     path.write_text(text)
     return text
+
+
+def _ratio_table(ds: str, ratios: dict) -> list[str]:
+    """x / (FM at 100 NFE), seed by seed, and the floor-corrected (x − floor) / (FM − floor)."""
+    if not ratios:
+        return []
+    from twinflow.study.seeds import HEADLINE
+
+    metric = HEADLINE[ds]
+    lines = [f"{metric} relative to flow matching at 100 NFE (per training seed, then mean ± std; floor = "
+             f"real vs real):", "", "| method | NFE | ratio | floor-corrected |", "|---|---|---|---|"]
+    for method, by_nfe in ratios.items():
+        for key, r in by_nfe.items():
+            lines.append(f"| {method} | {key.removeprefix('nfe_')} | {r['ratio']:.2f} ± {r['ratio_std']:.2f} | "
+                         f"{r['floor_corrected']:.2f} ± {r['floor_corrected_std']:.2f} |")
+    return lines + [""]
 
 
 def _lambda_table(sweep: dict, reference: dict, cfg) -> list[str]:
     lines = []
     for ds, by_lam in sweep.items():
         cols = COLUMNS[ds]
-        lines += [f"## λ sweep on {ds}: TwinFlow at 1 NFE ({getattr(cfg, ds).steps} steps, {cfg.eval.seeds} eval seed(s))",
+        lines += [f"## λ sweep on {ds}: TwinFlow at 1 NFE ({getattr(cfg, ds).steps} steps, {_spread(cfg)})",
                   "", "| λ | " + " | ".join(f"{c} {'↓' if c in LOWER_IS_BETTER else '↑'}" for c in cols) + " |",
                   "|---|" + "---|" * len(cols)]
         for lam, by_nfe in sorted(by_lam.items(), key=lambda kv: float(kv[0])):
@@ -75,7 +100,9 @@ def save_lambda_plot(path: Path, sweep: dict) -> None:
         fig, axes = plt.subplots(1, len(cols), figsize=(4 * len(cols), 3.2))
         for ax, c in zip(np.atleast_1d(axes), cols):
             ys = [by_lam[k]["nfe_1"][c] for k in lams]
-            es = [by_lam[k]["nfe_1"][c + "_std"] for k in lams]
+            row = by_lam[lams[0]]["nfe_1"]
+            spread = c + ("_train_std" if row.get("train_seeds", 1) > 1 else "_std")  # the spread the table gives
+            es = [by_lam[k]["nfe_1"][spread] for k in lams]
             ax.errorbar([float(k) for k in lams], ys, yerr=es, marker="o")
             ax.axvline(1 / 3, color="grey", ls=":", lw=1)
             ax.set_xlabel("λ")

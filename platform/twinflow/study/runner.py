@@ -18,6 +18,7 @@ from twinflow.study.datasets import Digits, Mixture2D
 from twinflow.study.metrics import DigitsJudge, mixture_floor, score_mixture
 from twinflow.study.ray_job import fit_runs, load_dataset
 from twinflow.study.report import save_grids, save_lambda_plot, write_markdown
+from twinflow.study.seeds import HEADLINE, combine, ratios_to_reference
 
 
 def sampler_for(method: str, nfe: int, cfg: StudyConfig) -> SamplerConfig:
@@ -74,17 +75,20 @@ def reference_floor(data: Digits | Mixture2D, cfg: StudyConfig, judge: DigitsJud
 
 
 def study_runs(cfg: StudyConfig) -> list[dict]:
-    """(dataset, method) runs of the comparison, or TwinFlow at each λ for --sweep-lam."""
+    """(dataset, method, training seed) runs of the comparison, or TwinFlow at each λ for --sweep-lam."""
     if cfg.sweep_lam:
-        runs = []
-        for d in cfg.datasets:
-            for lam in cfg.sweep_lam:
-                method = replace(cfg.method.twinflow, lam=lam, block_weights=None)
-                runs.append({"dataset": d, "method_name": f"twinflow_lam{lam:.4f}", "method": method,
-                             "train": getattr(cfg, d), "lam": lam})
-        return runs
-    return [{"dataset": d, "method_name": m, "method": getattr(cfg.method, m), "train": getattr(cfg, d)}
-            for d in cfg.datasets for m in cfg.methods]
+        cells = [{"dataset": d, "method_name": f"twinflow_lam{lam:.4f}",
+                  "method": replace(cfg.method.twinflow, lam=lam, block_weights=None), "lam": lam}
+                 for d in cfg.datasets for lam in cfg.sweep_lam]
+    else:
+        cells = [{"dataset": d, "method_name": m, "method": getattr(cfg.method, m)}
+                 for d in cfg.datasets for m in cfg.methods]
+    runs = []
+    for cell in cells:
+        train = getattr(cfg, cell["dataset"])
+        for k in range(cfg.train_seeds):
+            runs.append({**cell, "train": replace(train, seed=train.seed + k), "train_seed": k})
+    return runs
 
 
 def run_study(cfg: StudyConfig, log=print) -> dict:
@@ -103,9 +107,9 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
     reference: dict = {}
     timing: dict = {"train_job_s": round(time.time() - t0, 1)}
     judges: dict = {}
-    sweep: dict = {}
+    per_seed: dict = {}  # (dataset, cell name) -> [scores of each training seed]
     for run, tr in zip(runs, trained):
-        ds, method = run["dataset"], run["method_name"]
+        ds, method, k = run["dataset"], run["method_name"], run["train_seed"]
         data = load_dataset(ds, cfg.mixture.modes, cfg.mixture.seed)
         if ds not in judges:
             judges[ds] = DigitsJudge.fit(data) if isinstance(data, Digits) else None
@@ -113,18 +117,30 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
         t1 = time.time()
         sampler_name = "twinflow" if "lam" in run else method
         scores, samples = evaluate(tr.net, sampler_name, data, cfg, judges[ds])
-        if "lam" in run:
-            sweep.setdefault(ds, {})[f"{run['lam']:.4f}"] = scores
-        else:
-            results.setdefault(ds, {})[method] = scores
+        per_seed.setdefault((ds, method), []).append(scores)
+        if "lam" not in run and k == 0:
             save_grids(out, ds, method, samples, data)
-        timing[f"{ds}/{method}"] = {"train_s": round(tr.train_s, 1), "eval_s": round(time.time() - t1, 1),
-                                    "final_loss": tr.history[-1].get("loss/total")}
-        log(f"{ds}/{method}: evaluated in {time.time() - t1:.0f}s")
+        name = f"{ds}/{method}" + (f"/seed{k}" if cfg.train_seeds > 1 else "")
+        timing[name] = {"train_s": round(tr.train_s, 1), "eval_s": round(time.time() - t1, 1),
+                        "final_loss": tr.history[-1].get("loss/total")}
+        log(f"{name}: evaluated in {time.time() - t1:.0f}s")
     timing["total_s"] = round(time.time() - t0, 1)
+    sweep: dict = {}
+    for run in runs:
+        if run["train_seed"] != 0:
+            continue
+        ds, method = run["dataset"], run["method_name"]
+        cell = combine(per_seed[(ds, method)])
+        if "lam" in run:
+            sweep.setdefault(ds, {})[f"{run['lam']:.4f}"] = cell
+        else:
+            results.setdefault(ds, {})[method] = cell
     if sweep:
         results["lam_sweep"] = sweep
         save_lambda_plot(out / "lam_sweep.png", sweep)
+    ratios = {ds: ratios_to_reference(results[ds], reference[ds], HEADLINE[ds]) for ds in cfg.datasets
+              if ds in results}
+    results["ratios"] = {ds: r for ds, r in ratios.items() if r}
     results["reference"] = reference
     results["timing"] = timing
     (out / "results.json").write_text(json.dumps(results, indent=2))
