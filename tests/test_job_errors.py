@@ -164,6 +164,17 @@ def _wait_for_gcs(port: int, proc: subprocess.Popen, timeout: float = 120.0) -> 
     raise AssertionError(f"ray start --head --port={port} did not open its port in {timeout:.0f} s")
 
 
+def _forget_cluster(port: int) -> None:
+    """``ray stop`` would also delete Ray's record of the latest ``ray start`` cluster; stopped by signal,
+    that record stays and points later state-API lookups (Ray Train's placement-group cleaner in this
+    session's runs) at a dead address. Remove it when it is the stranger's."""
+    import tempfile
+
+    record = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    if record.is_file() and record.read_text().strip().endswith(f":{port}"):
+        record.unlink()
+
+
 def test_jobs_start_their_own_ray_instead_of_joining_a_running_cluster(tmp_path):
     """A cluster started with ``ray start`` (a stranger's) is left alone by default and joined with
     ``--address auto`` / RAY_ADDRESS."""
@@ -193,6 +204,7 @@ def test_jobs_start_their_own_ray_instead_of_joining_a_running_cluster(tmp_path)
         except subprocess.TimeoutExpired:
             stranger.kill()
             stranger.wait()
+        _forget_cluster(port)
     for proc in (own, joined, via_env):
         assert proc.returncode == 0, proc.stderr[-2000:]
     address = lambda proc: proc.stdout.strip().splitlines()[-1]  # noqa: E731
