@@ -1,12 +1,14 @@
 """Small-scale study: flow matching vs RCGM-only vs TwinFlow on real data, through Ray Train.
 
 Trains each method on sklearn's handwritten digits (class-conditional, 8×8) and on a 2-D Gaussian
-mixture with Ray Train CPU workers (a local Ray is started if none is running), samples each at
-1, 2, 4 and 100 NFE with fixed seeds, and scores them against their real-vs-real floors.
+mixture with Ray Train CPU workers (a fresh local Ray unless RAY_ADDRESS / --address), once per
+training seed (--train-seeds, default 3; 1 with --quick), samples each at 1, 2, 4 and 100 NFE with
+fixed seeds, and scores them against their real-vs-real floors: every cell is the mean ± std over
+training seeds, with ratios to flow matching at 100 NFE (seed by seed, and floor-corrected).
 Writes OUT/results.json, OUT/results.md and OUT/samples_<dataset>_<method>.png.
 
     python jobs/small_scale_study.py --quick                 # ≈2 min on 2 cores (tests, smoke runs)
-    python jobs/small_scale_study.py --out runs/study        # the full study (≈20 min on 2 cores)
+    python jobs/small_scale_study.py --out runs/study        # the full study (3 training seeds; one seed took ≈20 min)
     python jobs/small_scale_study.py --sweep-lam             # the λ ablation on digits (λ = 0 … 2/3)
     python jobs/small_scale_study.py --datasets mixture2d --steps 3000 --lam 0.25 \
         --set method.twinflow.teacher=ema --set eval.seeds=1
