@@ -58,5 +58,6 @@ def ratios_to_reference(cells: dict, floor: dict, metric: str) -> dict:
             corrected = (x - base) / np.maximum(ref - base, 1e-12)
             out.setdefault(name, {})[key] = {"ratio": float(ratio.mean()), "ratio_std": float(ratio.std()),
                                             "floor_corrected": float(corrected.mean()),
-                                            "floor_corrected_std": float(corrected.std()), "floor": base}
+                                            "floor_corrected_std": float(corrected.std()), "floor": base,
+                                            "train_seeds": len(x)}
     return out
