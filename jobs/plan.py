@@ -3,13 +3,15 @@
 No weights, no GPU and no Ray: the real 20B transformer is built on the meta device and counted.
 Prints the breakdown (weights, master weights, optimizer, gradients, buffers, teacher copy,
 activations by phase of the step), whether it fits the chosen GPU with the margin, and the
-forward passes per step. ``--compare`` adds what-ifs: an EMA teacher, and DMD-style distillation's
-extra copies (the paper's memory argument). ``--calibrate`` runs a small configuration on this
+forward passes per step. ``--compare`` adds what-ifs: an EMA teacher, DMD-style distillation's
+extra copies, and every training method (TwinFlow, MeanFlow, sCM, DMD2, VSD) in LoRA and full form
+with its verdict on H100 (80 GB) and H200 (141 GB): the paper's memory argument, computed. ``--calibrate`` runs a small configuration on this
 CPU and prints measured vs planned peak memory. The last line printed with ``--json`` is JSON.
 
     python jobs/plan.py --preset qwen-image-lora-512
     python jobs/plan.py --preset qwen-image-full-zero3-1024 --set num_gpus=16 --set offload_optimizer=true
     python jobs/plan.py --preset qwen-image-full-zero3-1024 --set num_gpus=1 --set zero_stage=0 --set grad_accum=3 --compare
+    python jobs/plan.py --compare                                # every method at 20B, 8 × H100 / H200
     python jobs/plan.py --preset tiny --calibrate --json          # tiny CPU check (~1 min)
 
 Fields for --set: model.mode (lora|full), model.lora.rank, model.dtype, model.gradient_checkpointing,
@@ -35,6 +37,7 @@ from twinflow.config.cli import job_parser, exit_config_error, resolve_config  #
 from twinflow.config.errors import ConfigError  # noqa: E402
 from twinflow.config.tree import dump_yaml  # noqa: E402
 from twinflow.plan import GIB, PlanInputs, plan_memory  # noqa: E402
+from twinflow.plan.compare import compare_methods, format_rows  # noqa: E402
 from twinflow.plan.presets import PLAN_PRESETS  # noqa: E402
 
 
@@ -73,6 +76,13 @@ def compare(inputs: PlanInputs) -> list[dict]:
     return out
 
 
+def method_forms(inputs: PlanInputs) -> dict[str, PlanInputs]:
+    """The configuration in LoRA and in full form (full: ZeRO-3, the only stage a 20B full fine-tune fits)."""
+    lora = dataclasses.replace(inputs, model=dataclasses.replace(inputs.model, mode="lora"))
+    full = dataclasses.replace(inputs, model=dataclasses.replace(inputs.model, mode="full"), zero_stage=3)
+    return {"lora": lora, "full": full}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     inputs = resolve(args)
@@ -93,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {r['variant']:42s} {r['gpu_total_gib']:8.2f}  ×{r['ratio_to_configured']:.2f}  "
                   f"H100 {'fits' if r['fits_h100'] else 'no'}  H200 {'fits' if r['fits_h200'] else 'no'}")
         result["compare"] = rows
+        methods = compare_methods(method_forms(inputs))
+        print(f"\nevery method, {inputs.num_gpus} GPUs, {inputs.height}², micro-batch {inputs.micro_batch} "
+              "(plan/compare.py):")
+        print(format_rows(methods))
+        result["methods"] = methods
     if args.calibrate:
         if plan.params.total > 500_000_000:
             print("--calibrate runs the model on this CPU: only for small configurations (<= 500M params)",

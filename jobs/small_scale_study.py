@@ -1,4 +1,4 @@
-"""Small-scale study: flow matching vs RCGM-only vs TwinFlow on real data, through Ray Train.
+"""Small-scale study: flow matching vs RCGM-only vs TwinFlow (and the rivals) on real data, through Ray Train.
 
 Trains each method on sklearn's handwritten digits (class-conditional, 8×8) and on a 2-D Gaussian
 mixture with Ray Train CPU workers (a fresh local Ray unless RAY_ADDRESS / --address), once per
@@ -9,6 +9,7 @@ Writes OUT/results.json, OUT/results.md and OUT/samples_<dataset>_<method>.png.
 
     python jobs/small_scale_study.py --quick                 # ≈2 min on 2 cores (tests, smoke runs)
     python jobs/small_scale_study.py --out runs/study        # the full study (3 training seeds; one seed took ≈20 min)
+    python jobs/small_scale_study.py --quick --methods fm,twinflow,meanflow,scm,dmd2,vsd   # with the rivals
     python jobs/small_scale_study.py --sweep-lam             # the λ ablation on digits (λ = 0 … 2/3)
     python jobs/small_scale_study.py --datasets mixture2d --steps 3000 --lam 0.25 \
         --set method.twinflow.teacher=ema --set eval.seeds=1
@@ -29,7 +30,7 @@ import _code_path  # noqa: E402,F401 - the submitted checkout first on sys.path 
 
 from twinflow.config.cli import Shortcut, job_parser, interrupted, resolve_config  # noqa: E402
 from twinflow.config.tree import dump_yaml  # noqa: E402
-from twinflow.study.config import DATASETS, PAPER_LAMBDAS, PRESETS, StudyConfig  # noqa: E402
+from twinflow.study.config import DATASETS, METHODS, PAPER_LAMBDAS, PRESETS, RIVALS, StudyConfig  # noqa: E402
 
 
 def _sweep_lam(value: str, args: argparse.Namespace) -> list[str]:
@@ -45,6 +46,8 @@ def _sweep_lam(value: str, args: argparse.Namespace) -> list[str]:
 SHORTCUTS = (
     Shortcut("--out", "out={}", "output folder (default: runs/study, or runs/study-quick with --quick)"),
     Shortcut("--datasets", "datasets=[{}]", f"comma-separated subset of {','.join(DATASETS)}"),
+    Shortcut("--methods", "methods=[{}]", f"comma-separated methods (default {','.join(METHODS)}); the paper's "
+             f"rivals: {','.join(RIVALS)}"),
     Shortcut("--steps", tuple(f"{d}.steps={{}}" for d in DATASETS), "training steps per run, for every dataset",
              type=int),
     Shortcut("--lam", "method.twinflow.lam={}", "TwinFlow λ: share of the global batch for L_TwinFlow (default 1/3)",

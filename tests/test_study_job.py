@@ -12,6 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.ray
 
+ALL_METHODS = ("fm", "rcgm", "twinflow", "meanflow", "scm", "dmd2", "vsd")
+
 
 def test_tiny_study_through_ray_train_writes_the_documented_schema(ray_local, tmp_path):
     from twinflow.config.tree import build
@@ -20,7 +22,8 @@ def test_tiny_study_through_ray_train_writes_the_documented_schema(ray_local, tm
 
     cfg = build(type(quick()), quick(), overrides=[
         f"out={tmp_path}", "digits.steps=40", "mixture2d.steps=40", "digits.log_every=20",
-        "mixture2d.log_every=20", "eval.mixture_samples=1000", "eval.seeds=2"])
+        "mixture2d.log_every=20", "eval.mixture_samples=1000", "eval.seeds=2",
+        f"methods=[{', '.join(ALL_METHODS)}]", "digits.distill_steps=10", "mixture2d.distill_steps=10"])
     results = run_study(cfg, log=lambda *_: None)
 
     on_disk = json.loads((tmp_path / "results.json").read_text())
@@ -29,7 +32,7 @@ def test_tiny_study_through_ray_train_writes_the_documented_schema(ray_local, tm
     metrics = {"digits": ["frechet", "precision", "recall", "diversity", "accuracy"],
                "mixture2d": ["sliced_w2", "mode_coverage", "mode_balance"]}
     for ds, names in metrics.items():
-        assert set(on_disk[ds]) == {"fm", "rcgm", "twinflow"}
+        assert set(on_disk[ds]) == set(ALL_METHODS)  # the paper's rivals beside TwinFlow, same data and scoring
         for method, by_nfe in on_disk[ds].items():
             assert set(by_nfe) == {"nfe_1", "nfe_2", "nfe_4", "nfe_100"}
             for row in by_nfe.values():
@@ -42,7 +45,7 @@ def test_tiny_study_through_ray_train_writes_the_documented_schema(ray_local, tm
     md = (tmp_path / "results.md").read_text()
     assert "## digits" in md and "## mixture2d" in md and "| twinflow | 1 |" in md and "real vs real" in md
     for ds in metrics:
-        for method in ("fm", "rcgm", "twinflow"):
+        for method in ALL_METHODS:
             assert (tmp_path / f"samples_{ds}_{method}.png").stat().st_size > 1000
     assert results["timing"]["digits/twinflow"]["train_s"] > 0
     # ratios to flow matching at 100 NFE: the reference itself is 1, the floor-corrected one too
@@ -61,7 +64,7 @@ def test_tiny_study_through_ray_train_writes_the_documented_schema(ray_local, tm
     from twinflow.study.trainer import train_run
 
     torch.set_num_threads(1)  # as each of the 2 workers on this 2-core machine
-    for ds, method in (("mixture2d", "twinflow"), ("digits", "fm")):
+    for ds, method in (("mixture2d", "twinflow"), ("digits", "fm"), ("mixture2d", "dmd2")):
         alone = train_run(load_dataset(ds), getattr(cfg.method, method), getattr(cfg, ds))
         assert results["timing"][f"{ds}/{method}"]["final_loss"] == pytest.approx(
             alone.history[-1]["loss/total"], rel=1e-5)

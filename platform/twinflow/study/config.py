@@ -7,10 +7,14 @@ from typing import Literal
 
 from twinflow.config.errors import require
 from twinflow.method import TwinFlowConfig, fm, rcgm, twinflow
+from twinflow.method.dmd import DMDConfig, dmd2, vsd
+from twinflow.method.meanflow import MeanFlowConfig, SCMConfig
 from twinflow.study.trainer import NetSettings, TrainSettings
 
 DATASETS = ("digits", "mixture2d")
 METHODS = ("fm", "rcgm", "twinflow")
+RIVALS = ("meanflow", "scm", "dmd2", "vsd")
+"""The paper's rivals (method/meanflow.py, method/dmd.py); ``--methods`` adds them to a study."""
 
 
 def _study_method(cfg: TwinFlowConfig) -> TwinFlowConfig:
@@ -27,6 +31,11 @@ class Methods:
     fm: TwinFlowConfig = field(default_factory=lambda: _study_method(fm()))
     rcgm: TwinFlowConfig = field(default_factory=lambda: _study_method(rcgm()))
     twinflow: TwinFlowConfig = field(default_factory=lambda: _study_method(twinflow()))
+    meanflow: MeanFlowConfig = field(default_factory=MeanFlowConfig)
+    scm: SCMConfig = field(default_factory=SCMConfig)
+    dmd2: DMDConfig = field(default_factory=dmd2)
+    """Distils the study's flow-matching run (``<dataset>.distill_steps`` after its ``steps``)."""
+    vsd: DMDConfig = field(default_factory=vsd)
 
 
 @dataclass
@@ -79,7 +88,9 @@ class StudyConfig:
         for name in self.datasets:
             require(name in DATASETS, "datasets", f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
         for name in self.methods:
-            require(name in METHODS, "methods", f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+            require(name in METHODS + RIVALS, "methods",
+                    f"unknown method {name!r}; choose from {', '.join(METHODS + RIVALS)}")
+            getattr(self.method, name).validate(f"method.{name}")
         require(self.workers >= 1, "workers", "must be >= 1")
         require(self.parallel in ("runs", "data"), "parallel", f"choose runs or data, got {self.parallel!r}")
         if self.parallel == "data":

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from twinflow.config.tree import from_dict, to_dict
-from twinflow.method import TwinFlowConfig
+from twinflow.method.objectives import method_from_dict
 from twinflow.study.datasets import Digits, Mixture2D, load_digits, make_mixture
 from twinflow.study.trainer import TrainResult, TrainSettings, build_net, train_run
 
@@ -41,9 +41,15 @@ def run_cost(run: dict) -> float:
     digits ≈ 6× and RCGM / TwinFlow 1.1–1.6×; the deal it gave was still balanced (1002 s vs 912 s
     of training per worker)."""
     per_step = 3.0 if run["dataset"] == "digits" else 1.0
-    if run["method_name"] != "fm":
+    steps = float(run["train"]["steps"])
+    name = run["method_name"]
+    if name in ("dmd2", "vsd"):
+        # FM pretraining of the teacher, then distillation: each step ≈ (fake_updates + 2) FM steps.
+        distill = run["train"].get("distill_steps") or steps // 4
+        return per_step * (steps + distill * (run["method"].get("fake_updates", 1) + 2))
+    if name != "fm":
         per_step *= 1.6
-    return float(run["train"]["steps"]) * per_step
+    return steps * per_step
 
 
 def deal_runs(runs: list[dict], workers: int) -> list[list[int]]:
@@ -105,7 +111,7 @@ def _train_own_runs(config: dict, rank: int, world: int) -> None:
                 bar.set_description(f"[worker {rank}] {label} loss {row.get('loss/total', float('nan')):.4f}")
 
             t0 = time.time()
-            result = train_run(data, from_dict(TwinFlowConfig, run["method"]), settings, report=progress)
+            result = train_run(data, method_from_dict(run["method"]), settings, report=progress)
             bar.close()
             torch.save(_state(result, time.time() - t0), os.path.join(tmp, RUN_FILE.format(index=index)))
         # Every rank reports exactly once (Ray Train's rule), each with its own files.
@@ -136,7 +142,7 @@ def _train_data_parallel(config: dict, rank: int, world: int) -> None:
         data = load_dataset(run["dataset"], config["mixture_modes"], config["mixture_seed"])
         # Metrics reach Ray from rank 0 only, so only rank 0 pays for the probe.
         probe = probe_factory.build(data) if (probe_factory is not None and rank == 0) else None
-        method = from_dict(TwinFlowConfig, run["method"])
+        method = method_from_dict(run["method"])
         settings = from_dict(TrainSettings, run["train"])
         label = f"{run['dataset']}/{run['method_name']}"
         bar = tqdm(total=settings.steps, desc=label) if rank == 0 else None

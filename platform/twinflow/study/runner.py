@@ -22,9 +22,13 @@ from twinflow.study.seeds import HEADLINE, combine, ratios_to_reference
 
 
 def sampler_for(method: str, nfe: int, cfg: StudyConfig) -> SamplerConfig:
-    """FM integrates its ODE; RCGM/TwinFlow use the released few-step sampler, then many-step."""
+    """FM integrates its ODE; MeanFlow jumps along its average velocity (r = next t, deterministic, as its
+    paper samples); RCGM / TwinFlow / sCM / DMD2 / VSD use the released few-step sampler (predict the data
+    at r = 0, re-noise: multistep consistency sampling), then many-step."""
     if method == "fm":
         return ode(nfe)
+    if method == "meanflow":
+        return SamplerConfig(steps=nfe, gap=(0.0, 0.0), stochastic_ratio=0.0, style="any")
     if nfe <= cfg.eval.few_step_max_nfe:
         return few_step(nfe)
     return SamplerConfig(steps=nfe, gap=(0.001, 0.0), stochastic_ratio=0.0, style=cfg.eval.many_step_style)

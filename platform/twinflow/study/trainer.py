@@ -8,15 +8,18 @@ how the unit tests and quick experiments call it. Blocks are allocated over the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+from dataclasses import dataclass, field, replace
 from typing import Callable, Literal
 
 import torch
 from torch import nn
 
 from twinflow.config.errors import require
-from twinflow.method import (BatchLayout, EmaWeights, LossNorm, TwinFlowConfig, TwinFlowObjective,
-                             allocate_micro_batch, make_teacher)
+from twinflow.method import (BatchLayout, BlockWeights, EmaWeights, FrozenTeacher, LossNorm, TwinFlowConfig,
+                             allocate_micro_batch, fm, make_teacher)
+from twinflow.method.dmd import DMDConfig, DMDObjective
+from twinflow.method.objectives import MethodConfig, single_network_objective
 from twinflow.method.lr_schedule import cosine_factor, warmup_factor
 from twinflow.models.toy import DigitsNet, ToyMLP
 from twinflow.study.datasets import Digits, Mixture2D
@@ -43,6 +46,9 @@ class TrainSettings:
     """EMA of the weights used for sampling (0 samples the raw weights)."""
     seed: int = 0
     log_every: int = 100
+    distill_steps: int = 0
+    """Teacher-based methods (DMD2 / VSD) only: ``steps`` of flow matching make the teacher (the same run
+    as the study's FM cell, same seed), then this many distillation steps; 0 = steps // 4."""
     net: NetSettings = field(default_factory=NetSettings)
 
     def validate(self, path: str) -> None:
@@ -77,7 +83,7 @@ class TrainResult:
         return (self.ema.module if self.ema is not None else self.model).eval()
 
 
-def train_run(data: Digits | Mixture2D, method: TwinFlowConfig, s: TrainSettings, rank: int = 0, world_size: int = 1,
+def train_run(data: Digits | Mixture2D, method: MethodConfig, s: TrainSettings, rank: int = 0, world_size: int = 1,
               wrap: Callable[[nn.Module], nn.Module] = lambda m: m,
               report: Callable[[int, dict[str, float]], None] | None = None,
               reduce_stats: Callable[[dict], dict] = lambda stats: stats,
@@ -88,17 +94,31 @@ def train_run(data: Digits | Mixture2D, method: TwinFlowConfig, s: TrainSettings
     if s.batch_size % world_size:
         raise ValueError(f"batch_size {s.batch_size} is not divisible by {world_size} workers")
     layout = BatchLayout(micro_batch=s.batch_size // world_size, world_size=world_size)
-    weights = method.weights()
+    # Rivals have no block mix: every row is one of theirs (ids unused, the norm is the global batch).
+    weights = method.weights() if isinstance(method, TwinFlowConfig) else BlockWeights(0, 1, 0, 0)
     norm = LossNorm.global_(weights, layout)
 
-    torch.manual_seed(s.seed)  # identical initial weights on every rank
-    raw = build_net(data, s.net)
+    if isinstance(method, DMDConfig):
+        # The teacher is the study's flow-matching run (same settings and seed), then distilled.
+        base = train_run(data, _study_fm(), s, rank, world_size, wrap, None, reduce_stats)
+        raw = copy.deepcopy(base.sampling_net()).train().requires_grad_(True)
+        s = replace(s, steps=s.distill_steps or max(1, s.steps // 4), warmup_steps=0)
+    else:
+        torch.manual_seed(s.seed)  # identical initial weights on every rank
+        raw = build_net(data, s.net)
     model = wrap(raw)
-    teacher = make_teacher(method.teacher, raw, method.teacher_ema_decay)
+    teacher = (make_teacher(method.teacher, raw, method.teacher_ema_decay) if isinstance(method, TwinFlowConfig)
+               else FrozenTeacher(raw))
     ema = EmaWeights(raw, s.ema_decay, warmup=True) if s.ema_decay > 0 else None
     opt = torch.optim.AdamW(raw.parameters(), lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, s))
-    objective = TwinFlowObjective(method)
+    if isinstance(method, DMDConfig):
+        fake_raw = copy.deepcopy(raw)
+        fake_opt = torch.optim.AdamW(fake_raw.parameters(), lr=s.lr * method.fake_lr_scale, betas=s.betas,
+                                     weight_decay=s.weight_decay)
+        objective = DMDObjective(method, teacher.velocity, wrap(fake_raw), fake_opt, fake_raw, s.grad_clip)
+    else:
+        objective = single_network_objective(method)
     gen = torch.Generator().manual_seed(s.seed * 1000 + rank + 1)
     conditional = isinstance(data, Digits)
     history: list[dict[str, float]] = []
@@ -109,7 +129,9 @@ def train_run(data: Digits | Mixture2D, method: TwinFlowConfig, s: TrainSettings
         x, y = data.batch(layout.micro_batch, gen)
         # The unconditional "prompt" for CFG enhancement on class labels: a random permutation
         # of the batch's labels (the reference MNIST tutorial's choice; there is no null class).
-        uncond = y[torch.randperm(len(y), generator=gen)] if (conditional and method.enhance_ratio > 0) else None
+        uncond = y[torch.randperm(len(y), generator=gen)] if (conditional and _wants_uncond(method)) else None
+        if hasattr(objective, "set_step"):
+            objective.set_step(step)
         out = objective(model, x, y, ids, uncond=uncond, teacher=teacher, model_nograd=raw, generator=gen, norm=norm)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -133,6 +155,18 @@ def train_run(data: Digits | Mixture2D, method: TwinFlowConfig, s: TrainSettings
                 report(step + 1, row)
             acc = {}
     return TrainResult(model=raw, ema=ema, history=history)
+
+
+def _study_fm() -> TwinFlowConfig:
+    cfg = fm()
+    cfg.enhance_ratio = 0.0
+    return cfg
+
+
+def _wants_uncond(method: MethodConfig) -> bool:
+    if isinstance(method, TwinFlowConfig):
+        return method.enhance_ratio > 0
+    return isinstance(method, DMDConfig) and method.guidance > 1
 
 
 def _run_probe(probe: Callable[[nn.Module], dict[str, float]], net: nn.Module) -> dict[str, float]:

@@ -1,0 +1,174 @@
+"""DMD2 and VSD: distribution matching with a trained fake score — the rivals TwinFlow does without.
+
+Three networks share TwinFlow's velocity contract F(x_t, t, r, cond) (docs/METHOD.md §19):
+  student  G(z) = z − F_s(z, 1, 0): a one-step generator (the trained model),
+  real     the teacher's instantaneous velocity F_real(x_t, t, t), frozen (the pretrained base),
+  fake     F_fake(x_t, t, t), trained by flow matching on the student's (detached) samples, so that
+           it tracks the velocity field of the student's distribution.
+One student step (two time scales): ``fake_updates`` flow-matching steps of the fake score on fresh
+student samples, then the student step on the distribution-matching gradient at a noised sample
+x_t = t·z' + (1 − t)·G(z):
+
+  DMD2   ∇ₓ = (x̂_fake − x̂_real) / mean|G(z) − x̂_real|,   x̂ = x_t − t·F(x_t, t, t)  (data estimates)
+  VSD    ∇ₓ = ε̂_real − ε̂_fake = (1 − t)·(F_real − F_fake),  ε̂ = x_t + (1 − t)·F     (noise estimates)
+
+Both are (F_real − F_fake) with a positive per-row weight (t/mean|·| vs 1 − t): descending moves G(z)
+toward where the real field points and away from where the student's own field points. The loss is
+½‖G(z) − sg(G(z) − ∇ₓ)‖², whose gradient in G(z) is ∇ₓ. Real-score CFG (``guidance``) and DMD2's
+optional regression onto teacher ODE samples (``regression_weight``, off by default) are included;
+the GAN head of DMD2 is not (off by default in DMD2's own recipe for this use, and TwinFlow has none).
+Memory: full mode holds student + fake + real (three copies); LoRA mode holds one base with a
+"student" and a "fake" adapter and gets the real score with the adapters disabled (models/lora.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+import torch
+from torch import nn
+
+from twinflow.config.errors import require
+from twinflow.method.blocks import LossNorm
+from twinflow.method.losses import per_sample_mse
+from twinflow.method.objective import ObjectiveOutput, _add
+from twinflow.method.path import expand_time, interpolate, velocity
+from twinflow.method.rows import rand, randn_like
+from twinflow.method.sampler import ode, sample
+from twinflow.method.teacher import VelocityFn
+
+
+@dataclass
+class DMDConfig:
+    """DMD2 (``weighting: dmd``) or VSD (``weighting: vsd``); defaults: DMD2's text-to-image recipe."""
+
+    name: Literal["dmd2", "vsd"] = "dmd2"
+    weighting: Literal["dmd", "vsd"] = "dmd"
+    fake_updates: int = 5
+    """Fake-score steps per student step (DMD2's two-time-scale rule: 5)."""
+    fake_lr_scale: float = 1.0
+    """The fake score's learning rate relative to the student's."""
+    t_range: tuple[float, float] = (0.02, 0.98)
+    """Noise levels the distribution-matching gradient is taken at, t ~ U(lo, hi)."""
+    guidance: float = 1.0
+    """CFG scale on the real score (1: none); needs an unconditional condition above 1."""
+    regression_weight: float = 0.0
+    """Weight of ‖G(z) − ODE_real(z)‖² (DMD's regression loss; costs ``regression_steps`` teacher calls)."""
+    regression_steps: int = 16
+
+    def validate(self, path: str = "dmd") -> None:
+        require(self.weighting in ("dmd", "vsd"), f"{path}.weighting", f"choose dmd or vsd, got {self.weighting!r}")
+        require(self.fake_updates >= 1, f"{path}.fake_updates", "must be >= 1")
+        require(self.fake_lr_scale > 0, f"{path}.fake_lr_scale", "must be positive")
+        lo, hi = self.t_range
+        require(0 < lo < hi < 1, f"{path}.t_range", f"need 0 < lo < hi < 1, got {self.t_range}")
+        require(self.guidance >= 1, f"{path}.guidance", "must be >= 1 (1 = no guidance)")
+        require(self.regression_weight >= 0, f"{path}.regression_weight", "must be >= 0")
+        require(self.regression_steps >= 1, f"{path}.regression_steps", "must be >= 1")
+
+
+def dmd2() -> DMDConfig:
+    return DMDConfig()
+
+
+def vsd() -> DMDConfig:
+    """VSD (ProlificDreamer's variational score distillation) on the same machinery: ε-space difference, no
+    per-sample normalisation, one fake step per student step, as the paper's "LoRA fake score" row."""
+    return DMDConfig(name="vsd", weighting="vsd", fake_updates=1)
+
+
+def one_step(student: VelocityFn, z: torch.Tensor, cond: Any) -> torch.Tensor:
+    """G(z) = z − F_s(z, 1, 0)."""
+    ones = torch.ones(z.shape[0], device=z.device)
+    return z.float() - student(z, ones, torch.zeros_like(ones), cond).float()
+
+
+def matching_gradient(x: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, v_real: torch.Tensor,
+                      v_fake: torch.Tensor, weighting: str) -> torch.Tensor:
+    """∇ₓ of the distribution-matching loss at student samples x (all detached): see the module docstring."""
+    if weighting == "vsd":
+        return expand_time(1 - t, x) * (v_real - v_fake)
+    x_real = x_t - expand_time(t, x_t) * v_real
+    x_fake = x_t - expand_time(t, x_t) * v_fake
+    scale = (x - x_real).abs().flatten(1).mean(1).clamp_min(1e-8)
+    return (x_fake - x_real) / expand_time(scale, x)
+
+
+class DMDObjective:
+    """One student step of DMD2 / VSD, the fake score's updates included.
+
+    The fake score is the objective's own state: ``fake`` (possibly wrapped for data parallelism),
+    ``fake_raw`` (its weights) and ``fake_opt`` (its optimizer, stepped here). ``real`` is the frozen
+    teacher velocity. The student loss is returned for the trainer to backpropagate and step.
+    """
+
+    def __init__(self, cfg: DMDConfig, real: VelocityFn, fake: nn.Module, fake_opt: torch.optim.Optimizer,
+                 fake_raw: nn.Module | None = None, grad_clip: float | None = 1.0,
+                 before_fake_step: Callable[[], None] | None = None):
+        self.cfg, self.real, self.fake, self.fake_opt = cfg, real, fake, fake_opt
+        self.fake_raw = fake_raw or fake
+        self.grad_clip = grad_clip
+        self.before_fake_step = before_fake_step
+
+    def fake_step(self, student: VelocityFn, like: torch.Tensor, cond: Any, generator: torch.Generator | None,
+                  rows: int) -> torch.Tensor:
+        """One flow-matching step of the fake score on detached student samples; returns its loss."""
+        with torch.no_grad():
+            x = one_step(student, randn_like(like.float(), generator).to(like.dtype), cond)
+            z = randn_like(x, generator)
+            t = rand(x.shape[0], generator, x.device)
+            x_t = interpolate(x, z, t)
+            v = velocity(x, z)
+        per_row = per_sample_mse(self.fake(x_t.to(like.dtype), t, t, cond).float(), v)
+        loss = per_row.sum() / rows
+        self.fake_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.before_fake_step is not None:
+            self.before_fake_step()
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.fake_raw.parameters(), self.grad_clip)
+        self.fake_opt.step()
+        return per_row.detach().mean()
+
+    def __call__(self, model: VelocityFn, x: torch.Tensor, cond: Any, block_ids: torch.Tensor | None = None, *,
+                 uncond: Any = None, teacher: Any = None, model_nograd: VelocityFn | None = None,
+                 generator: torch.Generator | None = None, norm: LossNorm | None = None) -> ObjectiveOutput:
+        cfg, n, dev = self.cfg, x.shape[0], x.device
+        raw = model_nograd or model
+        rows = norm.rows if norm is not None else n
+        if cfg.guidance > 1 and uncond is None:
+            raise ValueError("dmd.guidance > 1 needs the unconditional condition (uncond)")
+        stats: dict = {}
+        fake_losses = [self.fake_step(raw, x, cond, generator, rows) for _ in range(cfg.fake_updates)]
+        _add(stats, "loss/fake_score", torch.stack(fake_losses).sum(), len(fake_losses))
+
+        z = randn_like(x.float(), generator)
+        g = one_step(model, z.to(x.dtype), cond)
+        with torch.no_grad():
+            lo, hi = cfg.t_range
+            t = lo + (hi - lo) * rand(n, generator, dev)
+            x_t = interpolate(g.detach(), randn_like(g, generator), t)
+            xt_in = x_t.to(x.dtype)
+            v_real = self._real(xt_in, t, cond, uncond)
+            v_fake = self.fake_raw(xt_in, t, t, cond).float()
+            grad = matching_gradient(g.detach(), x_t, t, v_real, v_fake, cfg.weighting)
+        per_row = 0.5 * (g - (g.detach() - grad)).pow(2).flatten(1).sum(1)
+        loss = per_row.sum() / rows
+        _add(stats, "loss/dm", per_row.detach().sum(), n)
+        if cfg.regression_weight > 0:
+            with torch.no_grad():
+                target = sample(self.real, z.to(x.dtype), cond, ode(cfg.regression_steps))
+            reg = per_sample_mse(g, target)
+            loss = loss + cfg.regression_weight * reg.sum() / rows
+            _add(stats, "loss/regression", reg.detach().sum(), n)
+        _add(stats, "loss/total", loss.detach())
+        return ObjectiveOutput(loss=loss, stats=stats)
+
+    @torch.no_grad()
+    def _real(self, x_t, t, cond, uncond) -> torch.Tensor:
+        vc = self.real(x_t, t, t, cond).float()
+        if self.cfg.guidance == 1.0:
+            return vc
+        vu = self.real(x_t, t, t, uncond).float()
+        return vu + self.cfg.guidance * (vc - vu)

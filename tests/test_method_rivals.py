@@ -1,0 +1,183 @@
+"""The rivals' objectives on cases with closed-form answers: MeanFlow / sCM (finite-difference tangent)
+and DMD2 / VSD (distribution matching on Gaussians whose velocity fields are known exactly)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from twinflow.config.errors import ConfigError
+from twinflow.config.tree import to_dict
+from twinflow.method.dmd import DMDConfig, DMDObjective, dmd2, matching_gradient, vsd
+from twinflow.method.meanflow import (MeanFlowConfig, MeanFlowObjective, SCMConfig, SCMObjective, meanflow_target,
+                                      scm_residual, tangent)
+from twinflow.method.objectives import method_from_dict, single_network_objective
+from twinflow.method.path import expand_time, interpolate
+
+
+class Linear(nn.Module):
+    """F(x, t, r) = x·A + b·t + c·r: its total derivative along dx/dt = v is v·A + b, exactly."""
+
+    def __init__(self, dim: int = 3):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.A = nn.Parameter(torch.randn(dim, dim, generator=g))
+        self.b = nn.Parameter(torch.randn(dim, generator=g))
+        self.c = nn.Parameter(torch.randn(dim, generator=g))
+
+    def forward(self, x, t, r, cond=None):
+        return x @ self.A + t[:, None] * self.b + r[:, None] * self.c
+
+
+def gaussian_velocity(x_t: torch.Tensor, t: torch.Tensor, mu: torch.Tensor, s: float = 1.0) -> torch.Tensor:
+    """E[z − x | x_t] for x ~ N(mu, s²I), z ~ N(0, I), x_t = t·z + (1 − t)·x (closed form)."""
+    tt = expand_time(t, x_t)
+    var = (1 - tt) ** 2 * s**2 + tt**2
+    x_hat = mu + (1 - tt) * s**2 / var * (x_t - (1 - tt) * mu)
+    return (x_t - x_hat) / tt
+
+
+def test_tangent_is_exact_on_a_linear_network_and_gives_the_meanflow_identity():
+    net = Linear()
+    g = torch.Generator().manual_seed(1)
+    x, v = torch.randn(64, 3, generator=g), torch.randn(64, 3, generator=g)
+    t = torch.rand(64, generator=g) * 0.98 + 0.01
+    r = t * torch.rand(64, generator=g)
+    with torch.no_grad():
+        expected = v @ net.A + net.b
+        d = tangent(net, x, t, r, v, None, eps=5e-3)
+    torch.testing.assert_close(d, expected, rtol=1e-4, atol=1e-4)
+    target = meanflow_target(v, t, r, d)
+    torch.testing.assert_close(target, v - (t - r)[:, None] * expected, rtol=1e-4, atol=1e-4)
+    # At the ends of the interval the difference turns one-sided and stays exact.
+    edge = torch.tensor([1.0, 0.999]), torch.tensor([1.0, 0.999])
+    d_edge = tangent(net, x[:2], edge[0], edge[1], v[:2], None, eps=5e-3)
+    torch.testing.assert_close(d_edge, expected[:2], rtol=1e-3, atol=1e-3)
+
+
+def test_the_exact_average_velocity_is_a_fixed_point_of_meanflow():
+    """Point-mass data x0: every trajectory is straight, the average velocity (x_t − x0)/t for any r,
+    and its total derivative along the flow is 0, so the target is F itself."""
+    x0 = torch.tensor([[0.5, -1.0]])
+
+    def exact(x, t, r, cond=None):
+        return (x - x0) / t[:, None]
+
+    g = torch.Generator().manual_seed(2)
+    x_t = interpolate(x0.expand(32, 2), torch.randn(32, 2, generator=g), t := torch.rand(32, generator=g) * 0.9 + 0.05)
+    r = t * torch.rand(32, generator=g)
+    v = exact(x_t, t, t)
+    d = tangent(exact, x_t, t, r, v, None, eps=1e-3)
+    assert d.abs().max() < 1e-3
+    torch.testing.assert_close(meanflow_target(v, t, r, d), exact(x_t, t, r), atol=1e-3, rtol=1e-3)
+
+
+def test_scm_residual_is_meanflow_residual_at_r_zero():
+    net = Linear()
+    g = torch.Generator().manual_seed(3)
+    x, v = torch.randn(16, 3, generator=g), torch.randn(16, 3, generator=g)
+    t, r = torch.rand(16, generator=g) * 0.9 + 0.05, torch.zeros(16)
+    with torch.no_grad():
+        f = net(x, t, r)
+        d = tangent(net, x, t, r, v, None, eps=5e-3)
+    torch.testing.assert_close(scm_residual(f, v, t, d), f - meanflow_target(v, t, r, d))
+    # The warm-up scales only the tangent term: at 0 it is flow matching's residual F − v.
+    torch.testing.assert_close(scm_residual(f, v, t, d, warmup=0.0), f - v)
+
+
+def _two_gaussians(n=4096, seed=4):
+    g = torch.Generator().manual_seed(seed)
+    mu_real, mu_fake = torch.tensor([1.0, -0.5]), torch.tensor([-0.5, 0.5])
+    x = mu_fake + torch.randn(n, 2, generator=g)  # student samples ~ N(mu_fake, I)
+    t = torch.rand(n, generator=g) * 0.96 + 0.02
+    x_t = interpolate(x, torch.randn(n, 2, generator=g), t)
+    return x, x_t, t, mu_real, mu_fake
+
+
+@pytest.mark.parametrize("weighting", ["dmd", "vsd"])
+def test_distribution_matching_gradient_points_from_the_fake_mean_to_the_real_one(weighting):
+    x, x_t, t, mu_real, mu_fake = _two_gaussians()
+    v_real, v_fake = gaussian_velocity(x_t, t, mu_real), gaussian_velocity(x_t, t, mu_fake)
+    grad = matching_gradient(x, x_t, t, v_real, v_fake, weighting).mean(0)
+    direction = mu_fake - mu_real  # descending −grad must move samples toward mu_real
+    cos = torch.dot(grad, direction) / (grad.norm() * direction.norm())
+    assert cos > 0.99, cos
+    # Same distribution, same field: no gradient at all.
+    same = matching_gradient(x, x_t, t, v_fake, v_fake, weighting)
+    assert same.abs().max() == 0
+
+
+class Shift(nn.Module):
+    """Student G(z) = z + θ (F(z, 1, 0) = −θ), or a fake score: the exact field of N(θ, I)."""
+
+    def __init__(self, theta):
+        super().__init__()
+        self.theta = nn.Parameter(torch.tensor(theta))
+
+    def forward(self, x, t, r, cond=None):
+        if bool((t == 1).all() and (r == 0).all()):
+            return -self.theta.expand_as(x)
+        return gaussian_velocity(x, t, self.theta)
+
+
+@pytest.mark.parametrize("cfg", [dmd2(), vsd()], ids=["dmd2", "vsd"])
+def test_dmd_moves_a_shifted_student_onto_the_real_distribution(cfg):
+    """Real data N(mu, I); student N(θ, I) from θ = (−2, 2). The fake score learns the student's mean by
+    flow matching on its samples; the matching gradient then carries θ to mu."""
+    mu = torch.tensor([1.0, -1.0])
+    student, fake = Shift([-2.0, 2.0]), Shift([-2.0, 2.0])
+    opt = torch.optim.Adam(student.parameters(), lr=0.05)
+    objective = DMDObjective(cfg, lambda x, t, r, c: gaussian_velocity(x, t, mu), fake,
+                             torch.optim.Adam(fake.parameters(), lr=0.05))
+    g = torch.Generator().manual_seed(5)
+    for _ in range(300):
+        out = objective(student, torch.zeros(256, 2), None, generator=g)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    assert (student.theta.detach() - mu).abs().max() < 0.15, student.theta
+    assert (fake.theta.detach() - student.theta.detach()).abs().max() < 0.3  # the fake tracked the student
+    assert set(out.means()) >= {"loss/dm", "loss/fake_score", "loss/total"}
+
+
+@pytest.mark.parametrize("objective", [MeanFlowObjective(MeanFlowConfig()), SCMObjective(SCMConfig(tangent_warmup=0))],
+                         ids=["meanflow", "scm"])
+def test_tangent_objectives_leave_the_exact_solution_with_zero_gradient(objective):
+    """Point-mass data, the exact average-velocity network with velocity: teacher — nothing to learn."""
+    objective.cfg.velocity = "teacher"
+    x0 = torch.tensor([0.5, -1.0])
+
+    class Exact(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(()))
+
+        def forward(self, x, t, r, cond=None):
+            return self.scale * (x - x0) / t[:, None].clamp_min(1e-3)
+
+    net = Exact()
+
+    class Teach:
+        rollout_uses_online = False
+
+        def velocity(self, x, t, r, cond):
+            return net(x, t, r).detach()
+
+    out = objective(net, x0.expand(128, 2).clone(), None, teacher=Teach(), generator=torch.Generator().manual_seed(6))
+    out.loss.backward()
+    assert abs(float(net.scale.grad)) < 1e-3
+
+
+def test_rival_configs_validate_and_survive_a_dict_round_trip():
+    for cfg in (MeanFlowConfig(), SCMConfig(), dmd2(), vsd()):
+        back = method_from_dict(to_dict(cfg))
+        assert back == cfg and type(back) is type(cfg)
+    with pytest.raises(ConfigError, match=r"dmd\.t_range"):
+        DMDConfig(t_range=(0.5, 0.2)).validate()
+    with pytest.raises(ConfigError, match=r"meanflow\.fd_eps"):
+        MeanFlowConfig(fd_eps=0.0).validate()
+    with pytest.raises(TypeError, match="DMDObjective"):
+        single_network_objective(dmd2())
+    with pytest.raises(ValueError, match="choose one of"):
+        method_from_dict({"name": "gan"})
