@@ -16,6 +16,8 @@ and the memory planner's prediction for both. The last line printed is one JSON 
 
     python jobs/bench_train.py                       # CPU, 4 layers × 512 wide, 256², B = 6 (~3 min)
     python jobs/bench_train.py --tiny --reps 2       # the tiny preset, seconds
+    python jobs/bench_train.py --methods twinflow,fm,meanflow,scm,dmd2,vsd --mode full   # the rivals, full form
+    python jobs/bench_train.py --methods twinflow,fm,meanflow,scm,dmd2,vsd --mode lora   # ... and LoRA form
     python jobs/bench_train.py --device cuda --layers 8 --heads 12 --resolution 512   # on a GPU
     ray job submit --working-dir . --entrypoint-num-gpus 1 -- python jobs/bench_train.py --device cuda
 
@@ -52,7 +54,31 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    p.add_argument("--methods", default="twinflow,fm",
+                   help=f"comma-separated, from {','.join(METHOD_NAMES)}; every one is measured on the same rig and "
+                        "batch and reported relative to fm (DMD2 / VSD in --mode's form: full = fake + real copies, "
+                        "lora = a second adapter on the one base)")
+    args = p.parse_args(argv)
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in names if m not in METHOD_NAMES]
+    if bad or "fm" not in names or "twinflow" not in names:
+        p.error(f"--methods: need fm and twinflow (the ratios' reference) and names from {', '.join(METHOD_NAMES)}"
+                + (f"; unknown: {', '.join(bad)}" if bad else ""))
+    args.methods = names
+    return args
+
+
+METHOD_NAMES = ("twinflow", "fm", "rcgm", "meanflow", "scm", "dmd2", "vsd")
+
+
+def method_configs(names: list[str]) -> dict:
+    from twinflow.method.config import fm, rcgm, twinflow
+    from twinflow.method.dmd import dmd2, vsd
+    from twinflow.method.meanflow import MeanFlowConfig, SCMConfig
+
+    make = {"twinflow": twinflow, "fm": fm, "rcgm": rcgm, "meanflow": MeanFlowConfig, "scm": SCMConfig,
+            "dmd2": dmd2, "vsd": vsd}
+    return {n: make[n]() for n in names}
 
 
 def build_inputs(args: argparse.Namespace):
@@ -78,16 +104,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     import torch
 
-    from twinflow.method.config import fm, twinflow
+    from twinflow.method.config import twinflow
     from twinflow.plan import GIB, plan_memory
     from twinflow.plan.calibrate import build_rig
     from twinflow.plan.forwards import reference_counts
+    from twinflow.plan.method_rig import MethodSteps
 
     torch.set_num_threads(args.threads)
     inputs = build_inputs(args)
-    methods = {"twinflow": twinflow(), "fm": fm()}
+    methods = method_configs(args.methods)
     no_enh = dataclasses.replace(twinflow(), enhance_ratio=0.0)
-    plans = {name: plan_memory(dataclasses.replace(inputs, twinflow=cfg)) for name, cfg in methods.items()}
+    plans = {name: plan_memory(dataclasses.replace(inputs, twinflow=methods[name])) for name in ("twinflow", "fm")}
     t0 = time.perf_counter()
     rig = build_rig(inputs, args.device, seed=args.seed)
     build_s = time.perf_counter() - t0
@@ -95,14 +122,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: {plans['fm'].params.total:,} params ({plans['fm'].params.lora:,} LoRA), batch {b}, "
           f"{inputs.image_tokens}+{inputs.text_tokens} tokens, built in {build_s:.1f}s", flush=True)
 
-    for cfg in methods.values():  # warm-up: optimizer state, kernels, allocator caches
-        rig.step(cfg)
+    steps = MethodSteps(rig, methods, lora=inputs.model.mode == "lora")
+    for name in methods:  # warm-up: optimizer state, kernels, allocator caches, DMD's extra networks
+        steps.step(name)
     times: dict[str, list[float]] = {k: [] for k in methods}
     forwards: dict[str, list[dict]] = {k: [] for k in methods}
     for rep in range(args.reps):
         order = list(methods) if rep % 2 == 0 else list(reversed(methods))  # alternate to cancel drift
         for name in order:
-            r = rig.step(methods[name])
+            r = steps.step(name)
             times[name].append(r.seconds)
             forwards[name].append(r.forwards)
         print(f"rep {rep + 1}/{args.reps}: " + ", ".join(f"{k} {times[k][-1]:.3f}s" for k in methods), flush=True)
@@ -110,8 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     static = rig.static_bytes()
     memory: dict[str, list[int]] = {k: [] for k in methods}
     for _ in range(args.mem_reps):
-        for name, cfg in methods.items():
-            memory[name].append(static + int(rig.step(cfg, measure=True).peak_bytes or 0))
+        for name in methods:
+            extra = steps.extra_static_bytes(name)
+            memory[name].append(static + extra + int(steps.step(name, measure=True).peak_bytes or 0))
 
     med_t = {k: statistics.median(v) for k, v in times.items()}
     med_m = {k: statistics.median(v) for k, v in memory.items()}
@@ -156,6 +185,16 @@ def main(argv: list[str] | None = None) -> int:
                                      else "CPU allocator events via torch.profiler") + ")"},
         "planned_gib": {k: round(p.allocated_peak / GIB, 6) for k, p in plans.items()},
     }
+    if len(methods) > 2:
+        # Every method against plain flow matching, same rig and batch (TwinFlow's row is the ratios above).
+        result["methods"] = {k: {"step_s_median": round(med_t[k], 4), "peak_mib_median": round(med_m[k] / 2**20, 3),
+                                 "time_ratio_to_fm": round(med_t[k] / med_t["fm"], 3),
+                                 "memory_ratio_to_fm": round(med_m[k] / med_m["fm"], 3),
+                                 "memory_ratio_to_twinflow": round(med_m[k] / med_m["twinflow"], 3),
+                                 "extra_static_mib": round(steps.extra_static_bytes(k) / 2**20, 3)}
+                             for k in methods}
+        result["config"]["mode_of_dmd"] = ("one base + a 'fake' adapter, real = adapters off" if inputs.model.mode == "lora"
+                                           else "fake-score copy (trained) + real-score copy (frozen)")
     print(json.dumps(result), flush=True)
     return 0
 

@@ -79,6 +79,28 @@ def test_nan_losses_are_skipped_on_every_rank_and_a_streak_stops_the_run(ray_loc
     assert rows[3]["loss/total"] is not None and rows[3]["grad_norm"] > 0
 
 
+def test_meanflow_trains_through_the_real_job(ray_local, tiny_qwen_image, tmp_path_factory, tmp_path):
+    """A rival through the same job: Ray Train, DeepSpeed ZeRO-2 LoRA, the same data and checkpoints;
+    only the objective differs (method: meanflow, method/meanflow.py)."""
+    import dataclasses
+
+    from twinflow.train.trainer import run_training
+
+    root = tmp_path_factory.getbasetemp()
+    cfg = tiny_config(tiny_qwen_image, digits_dir(root), str(tmp_path / "runs"), "meanflow", sample={"enabled": False},
+                      run={"max_steps": 3, "checkpoint_every": 3})
+    cfg = dataclasses.replace(cfg, method="meanflow", meanflow=dataclasses.replace(cfg.meanflow, unequal_ratio=0.5))
+    outcome = run_training(cfg)
+    assert outcome.summary["stop_reason"] == "done"
+    shared = json.loads((tmp_path / "runs" / "meanflow" / "checkpoint_step_00000003" / "twinflow" / "shared.json")
+                        .read_text())
+    rows = shared["state"]["history"]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        # the MeanFlow loss, not TwinFlow's blocks, and a real update
+        assert r["loss/meanflow"] > 0 and r["grad_norm"] > 0 and r.get("loss/fake") is None
+        assert r["loss/total"] == pytest.approx(r["loss/meanflow"], rel=1e-4)
+
 
 def test_a_shard_over_the_bad_share_limit_stops_the_run_in_one_line_without_retries(ray_local, tiny_qwen_image,
                                                                                       tmp_path):

@@ -24,7 +24,8 @@ Memory: full mode holds student + fake + real (three copies); LoRA mode holds on
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+import contextlib
+from typing import Any, Callable, ContextManager, Literal
 
 import torch
 from torch import nn
@@ -98,18 +99,23 @@ def matching_gradient(x: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, v_rea
 class DMDObjective:
     """One student step of DMD2 / VSD, the fake score's updates included.
 
-    The fake score is the objective's own state: ``fake`` (possibly wrapped for data parallelism),
-    ``fake_raw`` (its weights) and ``fake_opt`` (its optimizer, stepped here). ``real`` is the frozen
-    teacher velocity. The student loss is returned for the trainer to backpropagate and step.
+    The fake score is the objective's own state: ``fake`` (called with gradient in its own steps,
+    possibly wrapped for data parallelism), ``fake_opt`` (its optimizer, stepped here) and
+    ``fake_params`` (clipped to ``grad_clip``; default: ``fake.parameters()``). ``real`` is the frozen
+    teacher velocity. ``fake_context`` (optional) is entered around each fake step's forward, backward
+    and optimizer step — a LoRA model makes its "fake" adapter the active, trainable one there, so
+    gradient checkpointing recomputes with it — and ``fake_eval`` (default ``fake``) scores student samples
+    without gradient. The student loss is returned for the trainer to backpropagate and step.
     """
 
-    def __init__(self, cfg: DMDConfig, real: VelocityFn, fake: nn.Module, fake_opt: torch.optim.Optimizer,
-                 fake_raw: nn.Module | None = None, grad_clip: float | None = 1.0,
-                 before_fake_step: Callable[[], None] | None = None):
+    def __init__(self, cfg: DMDConfig, real: VelocityFn, fake: VelocityFn, fake_opt: torch.optim.Optimizer,
+                 fake_params: list[nn.Parameter] | None = None, grad_clip: float | None = 1.0,
+                 fake_context: Callable[[], ContextManager] | None = None, fake_eval: VelocityFn | None = None):
         self.cfg, self.real, self.fake, self.fake_opt = cfg, real, fake, fake_opt
-        self.fake_raw = fake_raw or fake
+        self.fake_params = fake_params if fake_params is not None else list(fake.parameters())
         self.grad_clip = grad_clip
-        self.before_fake_step = before_fake_step
+        self.fake_context = fake_context or contextlib.nullcontext
+        self.fake_eval = fake_eval or fake
 
     def fake_step(self, student: VelocityFn, like: torch.Tensor, cond: Any, generator: torch.Generator | None,
                   rows: int) -> torch.Tensor:
@@ -120,15 +126,15 @@ class DMDObjective:
             t = rand(x.shape[0], generator, x.device)
             x_t = interpolate(x, z, t)
             v = velocity(x, z)
-        per_row = per_sample_mse(self.fake(x_t.to(like.dtype), t, t, cond).float(), v)
-        loss = per_row.sum() / rows
-        self.fake_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.before_fake_step is not None:
-            self.before_fake_step()
-        if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.fake_raw.parameters(), self.grad_clip)
-        self.fake_opt.step()
+        with self.fake_context():
+            per_row = per_sample_mse(self.fake(x_t.to(like.dtype), t, t, cond).float(), v)
+            loss = per_row.sum() / rows
+            self.fake_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.fake_params, self.grad_clip)
+            self.fake_opt.step()
+            self.fake_opt.zero_grad(set_to_none=True)
         return per_row.detach().mean()
 
     def __call__(self, model: VelocityFn, x: torch.Tensor, cond: Any, block_ids: torch.Tensor | None = None, *,
@@ -151,7 +157,7 @@ class DMDObjective:
             x_t = interpolate(g.detach(), randn_like(g, generator), t)
             xt_in = x_t.to(x.dtype)
             v_real = self._real(xt_in, t, cond, uncond)
-            v_fake = self.fake_raw(xt_in, t, t, cond).float()
+            v_fake = self.fake_eval(xt_in, t, t, cond).float()
             grad = matching_gradient(g.detach(), x_t, t, v_real, v_fake, cfg.weighting)
         per_row = 0.5 * (g - (g.detach() - grad)).pow(2).flatten(1).sum(1)
         loss = per_row.sum() / rows

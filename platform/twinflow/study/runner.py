@@ -49,12 +49,19 @@ def eval_labels(data: Digits, cfg: StudyConfig) -> torch.Tensor:
     return data.labels.clone() if per == 0 else torch.arange(data.num_classes).repeat_interleave(per)
 
 
+ONE_STEP_ONLY = ("dmd2", "vsd")
+"""Methods whose student is trained at (1, 0) alone: sampling it at more steps would query times it never
+saw (DMD2's multi-step form trains with backward simulation, not implemented), so they are scored at 1 NFE."""
+
+
 def evaluate(net: torch.nn.Module, method: str, data: Digits | Mixture2D, cfg: StudyConfig,
              judge: DigitsJudge | None) -> tuple[dict, dict[int, torch.Tensor]]:
     """{nfe_k: {metric: mean over seeds, metric_std: ...}} and the first seed's samples per NFE."""
     results, first = {}, {}
     labels = eval_labels(data, cfg) if isinstance(data, Digits) else None
     for nfe in cfg.eval.nfe:
+        if method in ONE_STEP_ONLY and nfe != 1:
+            continue
         sampler = sampler_for(method, nfe, cfg)
         per_seed = []
         for seed in range(cfg.eval.seeds):

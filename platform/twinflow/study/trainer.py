@@ -116,7 +116,8 @@ def train_run(data: Digits | Mixture2D, method: MethodConfig, s: TrainSettings, 
         fake_raw = copy.deepcopy(raw)
         fake_opt = torch.optim.AdamW(fake_raw.parameters(), lr=s.lr * method.fake_lr_scale, betas=s.betas,
                                      weight_decay=s.weight_decay)
-        objective = DMDObjective(method, teacher.velocity, wrap(fake_raw), fake_opt, fake_raw, s.grad_clip)
+        objective = DMDObjective(method, teacher.velocity, wrap(fake_raw), fake_opt, list(fake_raw.parameters()),
+                                 s.grad_clip, fake_eval=fake_raw)
     else:
         objective = single_network_objective(method)
     gen = torch.Generator().manual_seed(s.seed * 1000 + rank + 1)

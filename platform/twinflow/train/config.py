@@ -30,8 +30,9 @@ from typing import Literal
 
 from twinflow.config.errors import ConfigError, require
 from twinflow.data.config import DatasetConfig
-from twinflow.method.blocks import BatchLayout, block_counts
+from twinflow.method.blocks import BatchLayout, BlockWeights, block_counts
 from twinflow.method.config import TwinFlowConfig
+from twinflow.method.meanflow import MeanFlowConfig, SCMConfig
 from twinflow.models.config import QwenImageModelConfig
 from twinflow.ray_resources import TRAIN
 
@@ -300,7 +301,13 @@ class TrainConfig:
     model: QwenImageModelConfig = field(default_factory=QwenImageModelConfig)
     data: DatasetConfig = field(default_factory=DatasetConfig)
     encode: EncodeSettings = field(default_factory=EncodeSettings)
+    method: Literal["twinflow", "meanflow", "scm"] = "twinflow"
+    """The objective trained: ``twinflow`` (the section below; its fm / rcgm presets included) or one of
+    the paper's JVP-free rivals, configured by the ``meanflow`` / ``scm`` sections (method/meanflow.py).
+    DMD2 / VSD (a fake score beside the model) run in the study (small_scale_study.py --methods), not here yet."""
     twinflow: TwinFlowConfig = field(default_factory=TwinFlowConfig)
+    meanflow: MeanFlowConfig = field(default_factory=MeanFlowConfig)
+    scm: SCMConfig = field(default_factory=SCMConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
     scaling: ScalingSettings = field(default_factory=ScalingSettings)
@@ -325,6 +332,14 @@ class TrainConfig:
         return "bf16" if self.scaling.use_gpu else "fp32"
 
     @property
+    def objective_config(self) -> TwinFlowConfig | MeanFlowConfig | SCMConfig:
+        return getattr(self, self.method)
+
+    def block_weights(self) -> BlockWeights:
+        """TwinFlow's block mix; the rivals' rows are all one kind (the near-diagonal slot, ids unused)."""
+        return self.twinflow.weights() if self.method == "twinflow" else BlockWeights(0, 1, 0, 0)
+
+    @property
     def is_lora(self) -> bool:
         return self.model.mode == "lora"
 
@@ -332,8 +347,10 @@ class TrainConfig:
 
     def validate(self, path: str = "") -> None:
         ds, tf = self.deepspeed, self.twinflow
+        require(self.method in ("twinflow", "meanflow", "scm"), "method",
+                f"choose twinflow, meanflow or scm, got {self.method!r} (dmd2 / vsd: jobs/small_scale_study.py --methods)")
         try:
-            block_counts(tf.weights(), self.layout.global_batch)
+            block_counts(self.block_weights(), self.layout.global_batch)
         except ConfigError as exc:
             raise ConfigError(f"deepspeed.micro_batch_per_gpu: {exc} (now {ds.micro_batch_per_gpu} × "
                               f"{self.scaling.num_workers} workers × {ds.gradient_accumulation} accumulation)") from None

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from twinflow.method.config import TwinFlowConfig
+from twinflow.method.meanflow import MeanFlowConfig, SCMConfig
 from twinflow.method.rows import select_rows
 from twinflow.train.config import TrainConfig
 from twinflow.train.ds_config import lr_scheduler_factory
@@ -72,8 +73,10 @@ def reset_lr_schedule(engine, cfg: TrainConfig) -> None:
         group["lr"] = base * fn(sched.last_epoch)
 
 
-def max_network_calls(tf: TwinFlowConfig) -> int:
-    """Upper bound on the network passes of one TwinFlowObjective call (method/objective.py)."""
+def max_network_calls(tf: TwinFlowConfig | MeanFlowConfig | SCMConfig) -> int:
+    """Upper bound on the network passes of one objective call (method/objective.py, method/meanflow.py)."""
+    if isinstance(tf, (MeanFlowConfig, SCMConfig)):
+        return 3  # the pass with gradient + the tangent's two finite-difference passes
     w = tf.weights()
     calls = 1  # the pass with gradient
     if w.fake > 0:

@@ -43,7 +43,7 @@ from twinflow.data.digits import digit_prompts
 from twinflow.data.sources import BadDataError
 from twinflow.files import FileProblem
 from twinflow.method.blocks import LossNorm, allocate_micro_batch
-from twinflow.method.objective import TwinFlowObjective
+from twinflow.method.objectives import single_network_objective
 from twinflow.method.sampler import few_step, ode
 from twinflow.models.qwen_encode import expand_condition
 from twinflow.train.batches import DataStopped, MicroBatches
@@ -57,7 +57,7 @@ INPUT_ERRORS = (BadDataError, CheckpointError, FileProblem, DataStopped)
 """Errors that a restart cannot fix: reported to the user instead of retried."""
 
 STAT_KEYS = ("loss/total", "loss/one_step", "loss/near_diag", "loss/any_step", "loss/fake", "loss/rectify",
-             "dv_norm", "fake_norm")
+             "dv_norm", "fake_norm", "loss/meanflow", "loss/scm", "tangent_norm")
 _EXTRA = ("bad_loss", "skipped", "data_wait_s")  # appended after the (sum, count) pairs
 
 
@@ -129,8 +129,8 @@ class Worker:
         self.engine, self.velocity = build_engine(cfg, self.model_path, deepspeed_config(cfg))
         # Built before a checkpoint is restored: a frozen teacher must hold the *initial* weights.
         self.teacher = make_qwen_teacher(cfg.twinflow.teacher, self.velocity, cfg.twinflow.teacher_ema_decay)
-        self.objective = TwinFlowObjective(cfg.twinflow)
-        self.equalizer = (CallEqualizer(self.velocity, max_network_calls(cfg.twinflow))
+        self.objective = single_network_objective(cfg.objective_config)
+        self.equalizer = (CallEqualizer(self.velocity, max_network_calls(cfg.objective_config))
                           if cfg.deepspeed.zero_stage == 3 else None)
         self.uncond = self._uncond()
 
@@ -204,7 +204,9 @@ class Worker:
 
     def train_step(self, step: int) -> dict:
         cfg, engine = self.cfg, self.engine
-        weights, layout = cfg.twinflow.weights(), cfg.layout
+        weights, layout = cfg.block_weights(), cfg.layout
+        if hasattr(self.objective, "set_step"):
+            self.objective.set_step(self.state.step)  # sCM's tangent warm-up counts optimizer steps
         norm = LossNorm.global_(weights, layout)
         t0 = time.perf_counter()
         lr = float(engine.get_lr()[0])

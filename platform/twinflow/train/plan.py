@@ -18,7 +18,7 @@ from twinflow.train.ds_config import deepspeed_config
 
 
 def batch_plan(cfg: TrainConfig, steps: tuple[int, ...] = (0, 1)) -> dict[str, Any]:
-    weights = cfg.twinflow.weights()
+    weights = cfg.block_weights()
     layout = cfg.layout
     counts = block_counts(weights, layout.global_batch)
     shares = realised_shares(counts)

@@ -1,0 +1,71 @@
+"""DMD2 in LoRA form on the real (tiny, random-weight) Qwen-Image transformer: one base holds the student
+adapter, the fake-score adapter and — adapters off — the real score; full form holds three copies."""
+
+from __future__ import annotations
+
+import torch
+
+from twinflow.method.dmd import dmd2
+from twinflow.models.lora import active_adapter
+from twinflow.plan.calibrate import build_rig
+from twinflow.plan.measure import tensor_bytes
+from twinflow.plan.method_rig import FAKE_ADAPTER, MethodSteps, lora_dmd
+from twinflow.plan.presets import tiny
+
+
+def _outputs(fn, rig):
+    b = rig.latents.shape[0]
+    t = torch.full((b,), 0.6)
+    with torch.no_grad():
+        return fn(rig.latents, t, t, rig.cond).float()
+
+
+def test_lora_dmd_keeps_one_base_and_its_real_score_is_the_base_with_adapters_off():
+    rig = build_rig(tiny())
+    tr = rig.transformer
+    base_params = {n: p.detach().clone() for n, p in tr.named_parameters() if "lora_" not in n}
+    adapter_numel = sum(p.numel() for n, p in tr.named_parameters() if "lora_" in n)
+    total_before = sum(p.numel() for p in tr.parameters())
+    with active_adapter(tr, None):
+        base_out = _outputs(rig.velocity, rig)
+
+    objective, fake_params = lora_dmd(dmd2(), rig.velocity, tr, lr=1e-3)
+    # One base: adding the fake score adds exactly one more adapter's worth of parameters, no copy.
+    assert sum(p.numel() for p in tr.parameters()) == total_before + adapter_numel
+    assert sum(p.numel() for p in fake_params) == adapter_numel
+    torch.testing.assert_close(_outputs(objective.real, rig), base_out)
+
+    student = {n: p.detach().clone() for n, p in tr.named_parameters() if ".default." in n and "lora_" in n}
+    fake = {n: p.detach().clone() for n, p in tr.named_parameters() if f".{FAKE_ADAPTER}." in n}
+    for _ in range(2):
+        out = objective(rig.velocity, rig.latents, rig.cond, generator=rig.generator)
+        out.loss.backward()
+        rig.optimizer.step()
+        rig.optimizer.zero_grad(set_to_none=True)
+    now = dict(tr.named_parameters())
+    # Both adapters trained, each by its own optimizer; the base never moved ...
+    assert max((now[n] - v).abs().max().item() for n, v in student.items()) > 0
+    assert max((now[n] - v).abs().max().item() for n, v in fake.items()) > 0
+    assert all(torch.equal(now[n], v) for n, v in base_params.items() if "time_text_embed_2" not in n)  # E2 is the student's
+    # ... so the real score is still exactly the pretrained base.
+    torch.testing.assert_close(_outputs(objective.real, rig), base_out)
+    # The student's optimizer holds only the student (+ E2) and the fake's only the fake adapter.
+    student_opt = {id(p) for g in rig.optimizer.param_groups for p in g["params"]}
+    assert not student_opt & {id(p) for p in fake_params}
+
+
+def test_full_form_dmd_holds_two_more_copies_and_lora_form_one_more_adapter():
+    sizes = {}
+    for mode in ("full", "lora"):
+        inputs = tiny()
+        inputs.model.mode = mode
+        rig = build_rig(inputs)
+        steps = MethodSteps(rig, {"dmd2": dmd2()}, lora=mode == "lora")
+        steps.step("dmd2")  # creates the fake score's optimizer state
+        weights = tensor_bytes(rig.transformer)["params"]
+        sizes[mode] = steps.extra_static_bytes("dmd2") / weights
+    # full: fake copy (weights + 2 AdamW moments) + real copy = 4 × the weights, less the moments of the
+    # few weights no forward reaches (AdamW makes state only for parameters that got a gradient);
+    # LoRA: the fake adapter's two moments, a small share of the one base.
+    assert 3.5 < sizes["full"] <= 4.0, sizes
+    assert sizes["lora"] < 0.5, sizes
