@@ -181,3 +181,21 @@ def test_rival_configs_validate_and_survive_a_dict_round_trip():
         single_network_objective(dmd2())
     with pytest.raises(ValueError, match="choose one of"):
         method_from_dict({"name": "gan"})
+
+
+@pytest.mark.parametrize("steps", [1, 2, 8])
+def test_the_meanflow_sampler_follows_the_exact_average_velocity_to_the_data(steps):
+    """Point-mass data: jumps along the exact average velocity land on x0 at every step count; the exported
+    pipeline carries this sampler for a MeanFlow run (method_sampler), the released grid otherwise."""
+    from twinflow.method.sampler import few_step, mean_flow, method_sampler, sample
+
+    x0 = torch.tensor([[0.5, -1.0]])
+
+    def exact(x, t, r, cond=None):
+        return (x - x0) / t[:, None]
+
+    z = torch.randn(64, 2, generator=torch.Generator().manual_seed(7))
+    out = sample(exact, z, None, mean_flow(steps))
+    torch.testing.assert_close(out, x0.expand(64, 2), atol=1e-5, rtol=0)
+    assert method_sampler("meanflow", steps) == mean_flow(steps)
+    assert method_sampler("scm", steps) == few_step(steps) == method_sampler("twinflow", steps)

@@ -54,6 +54,23 @@ def ode(steps: int) -> SamplerConfig:
     return SamplerConfig(steps=steps, gap=(0.001, 0.0), stochastic_ratio=0.0, style="mul")
 
 
+def mean_flow(steps: int) -> SamplerConfig:
+    """MeanFlow's sampler: uniform grid from t = 1, each step a jump along the average velocity to the next
+    time (r = t_next), no re-noising: x ← x − (t_i − t_{i+1})·F(x, t_i, t_{i+1})."""
+    return SamplerConfig(steps=steps, gap=(0.0, 0.0), stochastic_ratio=0.0, style="any")
+
+
+def method_sampler(method: str, steps: int) -> SamplerConfig:
+    """The few-step sampler a trained method is meant to be sampled with: MeanFlow's own jumps, else the
+    released TwinFlow grid (predict the data at r = 0 and re-noise: multistep consistency sampling, which
+    is also how sCM and one-step distilled students sample)."""
+    return mean_flow(steps) if method == "meanflow" else few_step(steps)
+
+
+RIVAL_PRESET_STEPS = (1, 2, 4, 8)
+"""NFE values a rival's exported pipeline carries presets for: the paper compares sCM / MeanFlow at 8."""
+
+
 def time_grid(cfg: SamplerConfig) -> torch.Tensor:
     """Descending float64 grid [t_0, ..., t_K = 0] with K = cfg.steps."""
     a, b = cfg.gap

@@ -34,17 +34,17 @@ from diffusers.pipelines.qwenimage.pipeline_output import QwenImagePipelineOutpu
 from diffusers.utils.torch_utils import randn_tensor
 
 from twinflow.config.tree import from_dict, to_dict
-from twinflow.method.sampler import DEFAULT_STEPS, PRESET_STEPS, SamplerConfig, few_step, sample
+from twinflow.method.sampler import DEFAULT_STEPS, PRESET_STEPS, SamplerConfig, few_step, method_sampler, sample
 from twinflow.models.qwen_encode import decode_latents
 from twinflow.models.qwen_image import TwinFlowQwenImageTransformer2DModel
 from twinflow.models.qwen_velocity import QwenImageVelocity
 
 logger = logging.getLogger(__name__)
 
-def default_sampler_presets(steps=PRESET_STEPS) -> dict[str, dict]:
-    """The released few-step grids (``sampler.few_step``) for each NFE in ``steps``: 1/2/4 as released
-    for Qwen-Image."""
-    return {str(k): to_dict(few_step(k)) for k in sorted(set(steps))}
+def default_sampler_presets(steps=PRESET_STEPS, method: str = "twinflow") -> dict[str, dict]:
+    """The grids for each NFE in ``steps`` a model trained with ``method`` samples with
+    (``sampler.method_sampler``): for TwinFlow the released few-step grids, 1/2/4 as released for Qwen-Image."""
+    return {str(k): to_dict(method_sampler(method, k)) for k in sorted(set(steps))}
 
 
 def save_pipeline(transformer, base_path: str, folder, presets: dict, default_steps: int, dtype: torch.dtype) -> None:

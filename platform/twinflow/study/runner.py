@@ -12,6 +12,7 @@ import torch
 
 from twinflow.config.tree import to_dict
 from twinflow.method import SamplerConfig, few_step, ode, sample
+from twinflow.method.sampler import method_sampler
 from twinflow.ray_env import connect
 from twinflow.study.config import StudyConfig
 from twinflow.study.datasets import Digits, Mixture2D
@@ -28,7 +29,7 @@ def sampler_for(method: str, nfe: int, cfg: StudyConfig) -> SamplerConfig:
     if method == "fm":
         return ode(nfe)
     if method == "meanflow":
-        return SamplerConfig(steps=nfe, gap=(0.0, 0.0), stochastic_ratio=0.0, style="any")
+        return method_sampler(method, nfe)
     if nfe <= cfg.eval.few_step_max_nfe:
         return few_step(nfe)
     return SamplerConfig(steps=nfe, gap=(0.001, 0.0), stochastic_ratio=0.0, style=cfg.eval.many_step_style)

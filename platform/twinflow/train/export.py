@@ -104,13 +104,16 @@ def export_pipeline(transformer, cfg: TrainConfig, model_path: str, folder: Path
     """A TwinFlowQwenImagePipeline folder: the base pipeline's VAE/text encoder + the trained transformer
     (LoRA merged), with the default sampler presets (the export job's defaults too)."""
     from twinflow.models.lora import is_lora, merge_lora
+    from twinflow.method.sampler import PRESET_STEPS, RIVAL_PRESET_STEPS
     from twinflow.models.pipeline import DEFAULT_STEPS, default_sampler_presets, save_pipeline
 
     trained = copy.deepcopy(transformer).to("cpu")
     if is_lora(trained):
         merge_lora(trained, dtype=cfg.model.torch_dtype)
     trained.requires_grad_(False).eval()
-    save_pipeline(trained, model_path, folder, default_sampler_presets(), DEFAULT_STEPS, cfg.model.torch_dtype)
+    steps = PRESET_STEPS if cfg.method == "twinflow" else RIVAL_PRESET_STEPS
+    save_pipeline(trained, model_path, folder, default_sampler_presets(steps, cfg.method), DEFAULT_STEPS,
+                  cfg.model.torch_dtype)
     return "pipeline"
 
 
