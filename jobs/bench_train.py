@@ -193,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
                                  "memory_ratio_to_twinflow": round(med_m[k] / med_m["twinflow"], 3),
                                  "extra_static_mib": round(steps.extra_static_bytes(k) / 2**20, 3)}
                              for k in methods}
-        result["config"]["mode_of_dmd"] = ("one base + a 'fake' adapter, real = adapters off" if inputs.model.mode == "lora"
+        lora = inputs.model.mode == "lora"
+        result["config"]["mode_of_dmd"] = ("one base + a 'fake' adapter, real = adapters off" if lora
                                            else "fake-score copy (trained) + real-score copy (frozen)")
     print(json.dumps(result), flush=True)
     return 0

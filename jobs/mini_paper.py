@@ -69,7 +69,8 @@ def plan(out: Path, quick: bool) -> dict:
                       "--set", f"output_dir={out / 'eval' / 'base'}"]}
     for name in RUNS:
         evals[name] = ["--preset", "digits", "--checkpoint", str(out / "runs" / f"mini-{name}" / "final"),
-                       "--nfe", "1,2,4,8" if name in RIVAL_RUNS else "1,2,4", "--set", f"output_dir={out / 'eval' / name}"]
+                       "--nfe", "1,2,4,8" if name in RIVAL_RUNS else "1,2,4",
+                       "--set", f"output_dir={out / 'eval' / name}"]
     sweep = ["--preset", "digits-base-lam", "--set", f"storage_path={out / 'tune'}"]
     if quick:
         sweep += ["--set", "qwen.run.max_steps=150", "--set", "qwen.run.checkpoint_every=150",

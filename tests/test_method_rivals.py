@@ -12,7 +12,7 @@ from twinflow.config.tree import to_dict
 from twinflow.method.dmd import DMDConfig, DMDObjective, dmd2, matching_gradient, vsd
 from twinflow.method.meanflow import (MeanFlowConfig, MeanFlowObjective, SCMConfig, SCMObjective, meanflow_target,
                                       scm_residual, tangent)
-from twinflow.method.objectives import method_from_dict, single_network_objective
+from twinflow.method.objectives import method_from_dict, needs_teacher_model, single_network_objective
 from twinflow.method.path import expand_time, interpolate
 
 
@@ -181,6 +181,10 @@ def test_rival_configs_validate_and_survive_a_dict_round_trip():
         single_network_objective(dmd2())
     with pytest.raises(ValueError, match="choose one of"):
         method_from_dict({"name": "gan"})
+    # Who needs a pretrained model to start from (the study pretrains one for them).
+    assert needs_teacher_model(dmd2()) and needs_teacher_model(vsd())
+    assert needs_teacher_model(SCMConfig(velocity="teacher"))
+    assert not needs_teacher_model(SCMConfig()) and not needs_teacher_model(MeanFlowConfig())
 
 
 @pytest.mark.parametrize("steps", [1, 2, 8])

@@ -46,7 +46,8 @@ def test_lora_dmd_keeps_one_base_and_its_real_score_is_the_base_with_adapters_of
     # Both adapters trained, each by its own optimizer; the base never moved ...
     assert max((now[n] - v).abs().max().item() for n, v in student.items()) > 0
     assert max((now[n] - v).abs().max().item() for n, v in fake.items()) > 0
-    assert all(torch.equal(now[n], v) for n, v in base_params.items() if "time_text_embed_2" not in n)  # E2 is the student's
+    # (E2, time_text_embed_2, is the student's and trains with it)
+    assert all(torch.equal(now[n], v) for n, v in base_params.items() if "time_text_embed_2" not in n)
     # ... so the real score is still exactly the pretrained base.
     torch.testing.assert_close(_outputs(objective.real, rig), base_out)
     # The student's optimizer holds only the student (+ E2) and the fake's only the fake adapter.

@@ -253,3 +253,23 @@ def test_tiny_preset_plans_the_tiny_pipeline(tiny_qwen_image):
                                                   model=dataclasses.replace(tiny().model, path=str(tiny_qwen_image))))
     assert from_folder.params.total == plan_memory(tiny()).params.total
     assert cfg["num_layers"] == tiny().architecture["num_layers"]
+
+
+def test_every_method_planned_at_20b_in_lora_and_full_form():
+    """plan/compare.py: the one-network methods plan alike; DMD2 / VSD add one adapter in LoRA form and two
+    copies (one trained) in full form — the paper's OOM on 8 × 80 GB, computed, not asserted from a table."""
+    import dataclasses
+
+    from twinflow.plan.compare import compare_methods
+    from twinflow.plan.presets import qwen_image_lora_512
+
+    lora = qwen_image_lora_512()
+    full = dataclasses.replace(lora, model=dataclasses.replace(lora.model, mode="full"), zero_stage=3)
+    rows = {(r["method"], r["mode"]): r for r in compare_methods({"lora": lora, "full": full})}
+    for mode in ("lora", "full"):
+        assert rows[("meanflow", mode)]["gpu_total_gib"] == rows[("twinflow", mode)]["gpu_total_gib"]
+        assert rows[("dmd2", mode)]["gpu_total_gib"] == rows[("vsd", mode)]["gpu_total_gib"]
+    assert 1.0 < rows[("dmd2", "lora")]["ratio_to_twinflow"] < 1.15
+    assert rows[("dmd2", "full")]["ratio_to_twinflow"] > 1.8
+    assert rows[("twinflow", "full")]["fits_h100"] and not rows[("dmd2", "full")]["fits_h100"]
+    assert rows[("dmd2", "full")]["fits_h200"]

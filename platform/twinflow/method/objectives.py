@@ -32,8 +32,9 @@ def method_from_dict(d: dict[str, Any]) -> MethodConfig:
 
 
 def needs_teacher_model(cfg: MethodConfig) -> bool:
-    """DMD2 / VSD distil a pretrained model: they need one to start from (the others train from anything)."""
-    return isinstance(cfg, DMDConfig)
+    """Methods that distil a pretrained model and need one to start from: DMD2 / VSD, and MeanFlow / sCM with
+    ``velocity: teacher`` (mean-flow / consistency *distillation*); the others train from anything."""
+    return isinstance(cfg, DMDConfig) or getattr(cfg, "velocity", "data") == "teacher"
 
 
 def single_network_objective(cfg: MethodConfig):

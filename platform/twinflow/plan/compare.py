@@ -41,7 +41,8 @@ def format_rows(rows: list[dict], gpus: tuple[str, ...] = ("h100", "h200")) -> s
         f"{g} ({GPU_MEMORY[g] / GIB:.0f} GiB)" for g in gpus) + " |"
     lines = [head, "|" + "---|" * (5 + len(gpus))]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['mode']} | {r['num_gpus']} × {r['zero_stage']} | {r['gpu_total_gib']:.1f} | "
+        lines.append(f"| {r['method']} | {r['mode']} | {r['num_gpus']} × {r['zero_stage']} | "
+                     f"{r['gpu_total_gib']:.1f} | "
                      f"{r['ratio_to_twinflow']:.2f} | " + " | ".join("fits" if r[f"fits_{g}"] else "**OOM**"
                                                                     for g in gpus) + " |")
     return "\n".join(lines)

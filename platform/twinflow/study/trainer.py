@@ -19,7 +19,7 @@ from twinflow.config.errors import require
 from twinflow.method import (BatchLayout, BlockWeights, EmaWeights, FrozenTeacher, LossNorm, TwinFlowConfig,
                              allocate_micro_batch, fm, make_teacher)
 from twinflow.method.dmd import DMDConfig, DMDObjective
-from twinflow.method.objectives import MethodConfig, single_network_objective
+from twinflow.method.objectives import MethodConfig, needs_teacher_model, single_network_objective
 from twinflow.method.lr_schedule import cosine_factor, warmup_factor
 from twinflow.models.toy import DigitsNet, ToyMLP
 from twinflow.study.datasets import Digits, Mixture2D
@@ -47,8 +47,9 @@ class TrainSettings:
     seed: int = 0
     log_every: int = 100
     distill_steps: int = 0
-    """Teacher-based methods (DMD2 / VSD) only: ``steps`` of flow matching make the teacher (the same run
-    as the study's FM cell, same seed), then this many distillation steps; 0 = steps // 4."""
+    """Teacher-based methods only (DMD2 / VSD; MeanFlow / sCM with velocity: teacher): ``steps`` of flow
+    matching make the teacher (the same run as the study's FM cell, same seed), then this many
+    distillation steps; 0 = steps // 4."""
     net: NetSettings = field(default_factory=NetSettings)
 
     def validate(self, path: str) -> None:
@@ -98,7 +99,7 @@ def train_run(data: Digits | Mixture2D, method: MethodConfig, s: TrainSettings, 
     weights = method.weights() if isinstance(method, TwinFlowConfig) else BlockWeights(0, 1, 0, 0)
     norm = LossNorm.global_(weights, layout)
 
-    if isinstance(method, DMDConfig):
+    if needs_teacher_model(method):
         # The teacher is the study's flow-matching run (same settings and seed), then distilled.
         base = train_run(data, _study_fm(), s, rank, world_size, wrap, None, reduce_stats)
         raw = copy.deepcopy(base.sampling_net()).train().requires_grad_(True)
