@@ -5,8 +5,8 @@ Prints the breakdown (weights, master weights, optimizer, gradients, buffers, te
 activations by phase of the step), whether it fits the chosen GPU with the margin, and the
 forward passes per step. ``--compare`` adds what-ifs: an EMA teacher, DMD-style distillation's
 extra copies, and every training method (TwinFlow, MeanFlow, sCM, DMD2, VSD) in LoRA and full form
-with its verdict on H100 (80 GB) and H200 (141 GB): the paper's memory argument, computed. ``--calibrate`` runs a small configuration on this
-CPU and prints measured vs planned peak memory. The last line printed with ``--json`` is JSON.
+with its verdict on H100 (80 GB) and H200 (141 GB): the paper's memory argument, computed.
+``--calibrate`` runs a small configuration on this CPU and prints measured vs planned peak memory. The last line printed with ``--json`` is JSON.
 
     python jobs/plan.py --preset qwen-image-lora-512
     python jobs/plan.py --preset qwen-image-full-zero3-1024 --set num_gpus=16 --set offload_optimizer=true

@@ -23,8 +23,8 @@ Memory: full mode holds student + fake + real (three copies); LoRA mode holds on
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import contextlib
+from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Literal
 
 import torch
@@ -33,7 +33,7 @@ from torch import nn
 from twinflow.config.errors import require
 from twinflow.method.blocks import LossNorm
 from twinflow.method.losses import per_sample_mse
-from twinflow.method.objective import ObjectiveOutput, _add
+from twinflow.method.objective import ObjectiveOutput, add_stat
 from twinflow.method.path import expand_time, interpolate, velocity
 from twinflow.method.rows import rand, randn_like
 from twinflow.method.sampler import ode, sample
@@ -147,7 +147,7 @@ class DMDObjective:
             raise ValueError("dmd.guidance > 1 needs the unconditional condition (uncond)")
         stats: dict = {}
         fake_losses = [self.fake_step(raw, x, cond, generator, rows) for _ in range(cfg.fake_updates)]
-        _add(stats, "loss/fake_score", torch.stack(fake_losses).sum(), len(fake_losses))
+        add_stat(stats, "loss/fake_score", torch.stack(fake_losses).sum(), len(fake_losses))
 
         z = randn_like(x.float(), generator)
         g = one_step(model, z.to(x.dtype), cond)
@@ -161,14 +161,14 @@ class DMDObjective:
             grad = matching_gradient(g.detach(), x_t, t, v_real, v_fake, cfg.weighting)
         per_row = 0.5 * (g - (g.detach() - grad)).pow(2).flatten(1).sum(1)
         loss = per_row.sum() / rows
-        _add(stats, "loss/dm", per_row.detach().sum(), n)
+        add_stat(stats, "loss/dm", per_row.detach().sum(), n)
         if cfg.regression_weight > 0:
             with torch.no_grad():
                 target = sample(self.real, z.to(x.dtype), cond, ode(cfg.regression_steps))
             reg = per_sample_mse(g, target)
             loss = loss + cfg.regression_weight * reg.sum() / rows
-            _add(stats, "loss/regression", reg.detach().sum(), n)
-        _add(stats, "loss/total", loss.detach())
+            add_stat(stats, "loss/regression", reg.detach().sum(), n)
+        add_stat(stats, "loss/total", loss.detach())
         return ObjectiveOutput(loss=loss, stats=stats)
 
     @torch.no_grad()

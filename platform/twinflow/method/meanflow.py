@@ -30,59 +30,62 @@ import torch
 from twinflow.config.errors import require
 from twinflow.method.blocks import LossNorm
 from twinflow.method.losses import per_sample_mse
-from twinflow.method.objective import ObjectiveOutput, _add
+from twinflow.method.objective import ObjectiveOutput, add_stat, row_rms
 from twinflow.method.path import expand_time, interpolate, velocity
 from twinflow.method.rows import rand, randn_like, select_rows
 from twinflow.method.teacher import Teacher, VelocityFn
 
 
 @dataclass
-class MeanFlowConfig:
-    """MeanFlow (Geng et al. 2025) with a finite-difference tangent; defaults: the paper's ImageNet recipe."""
+class TangentSettings:
+    """What MeanFlow and sCM share: the time draw, the finite difference, where v comes from."""
 
-    name: Literal["meanflow"] = "meanflow"
     time_mu: float = -0.4
     time_sigma: float = 1.0
-    """(t, r) = sorted pair of logit-normal(μ, σ) draws."""
-    unequal_ratio: float = 0.25
-    """Share of rows with r ≠ t; the rest are flow-matching rows (r = t)."""
-    adaptive_p: float = 1.0
-    """Loss ‖Δ‖²/sg(‖Δ‖² + c)^p; p = 0 is plain l2."""
-    adaptive_c: float = 1e-3
+    """Times are logit-normal(μ, σ) draws."""
     fd_eps: float = 5e-3
     """Half-width of the central difference in t (bf16 models want ≥ 1e-3)."""
     velocity: Literal["data", "teacher"] = "data"
 
-    def validate(self, path: str = "meanflow") -> None:
+    def validate(self, path: str) -> None:
         require(self.time_sigma > 0, f"{path}.time_sigma", "must be positive")
-        require(0 <= self.unequal_ratio <= 1, f"{path}.unequal_ratio", "must be in [0, 1]")
-        require(self.adaptive_p >= 0 and self.adaptive_c > 0, f"{path}.adaptive_p",
-                "needs p >= 0 and adaptive_c > 0")
         require(0 < self.fd_eps < 0.1, f"{path}.fd_eps", f"must be in (0, 0.1), got {self.fd_eps}")
         require(self.velocity in ("data", "teacher"), f"{path}.velocity", "choose data or teacher")
 
 
 @dataclass
-class SCMConfig:
+class MeanFlowConfig(TangentSettings):
+    """MeanFlow (Geng et al. 2025) with a finite-difference tangent; defaults: the paper's ImageNet recipe.
+    (t, r) is a sorted pair of time draws."""
+
+    name: Literal["meanflow"] = "meanflow"
+    unequal_ratio: float = 0.25
+    """Share of rows with r ≠ t; the rest are flow-matching rows (r = t)."""
+    adaptive_p: float = 1.0
+    """Loss ‖Δ‖²/sg(‖Δ‖² + c)^p; p = 0 is plain l2."""
+    adaptive_c: float = 1e-3
+
+    def validate(self, path: str = "meanflow") -> None:
+        super().validate(path)
+        require(0 <= self.unequal_ratio <= 1, f"{path}.unequal_ratio", "must be in [0, 1]")
+        require(self.adaptive_p >= 0 and self.adaptive_c > 0, f"{path}.adaptive_p",
+                "needs p >= 0 and adaptive_c > 0")
+
+
+@dataclass
+class SCMConfig(TangentSettings):
     """Continuous-time consistency (Lu & Song 2024) at r = 0 with a finite-difference tangent."""
 
     name: Literal["scm"] = "scm"
-    time_mu: float = -0.4
-    time_sigma: float = 1.0
-    """t ~ logit-normal(μ, σ)."""
     tangent_warmup: int = 1000
     """Optimizer steps over which the t·dF/dt term ramps from 0 to 1 (0: no warm-up)."""
     tangent_norm_c: float = 0.1
-    """g ← g / (‖g‖_rms + c); None-like 0 disables the normalisation."""
-    fd_eps: float = 5e-3
-    velocity: Literal["data", "teacher"] = "data"
+    """g ← g / (‖g‖_rms + c); 0 disables the normalisation."""
 
     def validate(self, path: str = "scm") -> None:
-        require(self.time_sigma > 0, f"{path}.time_sigma", "must be positive")
+        super().validate(path)
         require(self.tangent_warmup >= 0, f"{path}.tangent_warmup", "must be >= 0")
         require(self.tangent_norm_c >= 0, f"{path}.tangent_norm_c", "must be >= 0")
-        require(0 < self.fd_eps < 0.1, f"{path}.fd_eps", f"must be in (0, 0.1), got {self.fd_eps}")
-        require(self.velocity in ("data", "teacher"), f"{path}.velocity", "choose data or teacher")
 
 
 def logit_normal(n: int, mu: float, sigma: float, generator: torch.Generator | None,
@@ -128,12 +131,18 @@ class _TangentObjective:
     def set_step(self, step: int) -> None:
         self.step = step
 
-    def _velocity(self, data, z, x_t, t, cond, teacher: Teacher | None):
-        if self.cfg.velocity == "teacher":
-            if teacher is None:
-                raise ValueError(f"{self.cfg.name}.velocity: teacher needs a teacher network")
-            return teacher.velocity(x_t, t, t, cond).float()
-        return velocity(data, z)
+    @torch.no_grad()
+    def _noised(self, x: torch.Tensor, t: torch.Tensor, cond: Any, teacher: Teacher | None,
+                generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x_t = t·z + (1 − t)·x and its velocity v: z − x, or the teacher's F(x_t, t, t)."""
+        data = x.float()
+        z = randn_like(data, generator)
+        x_t = interpolate(data, z, t)
+        if self.cfg.velocity == "data":
+            return x_t, velocity(data, z)
+        if teacher is None:
+            raise ValueError(f"{self.cfg.name}.velocity: teacher needs a teacher network")
+        return x_t, teacher.velocity(x_t, t, t, cond).float()
 
 
 class MeanFlowObjective(_TangentObjective):
@@ -149,10 +158,7 @@ class MeanFlowObjective(_TangentObjective):
             t, r = torch.maximum(a, b), torch.minimum(a, b)
             equal = rand(n, generator, dev) >= cfg.unequal_ratio
             r = torch.where(equal, t, r)
-            data = x.float()
-            z = randn_like(data, generator)
-            x_t = interpolate(data, z, t)
-            v = self._velocity(data, z, x_t, t, cond, teacher)
+        x_t, v = self._noised(x, t, cond, teacher, generator)
         f = model(x_t.to(x.dtype), t, r, cond).float()
         with torch.no_grad():
             target = v.clone()
@@ -164,8 +170,8 @@ class MeanFlowObjective(_TangentObjective):
         per_row = adaptive_loss(f, target, cfg.adaptive_p, cfg.adaptive_c)
         loss = per_row.sum() / rows
         stats: dict = {}
-        _add(stats, "loss/meanflow", per_row.detach().sum(), n)
-        _add(stats, "loss/total", loss.detach())
+        add_stat(stats, "loss/meanflow", per_row.detach().sum(), n)
+        add_stat(stats, "loss/total", loss.detach())
         return ObjectiveOutput(loss=loss, stats=stats)
 
 
@@ -179,24 +185,21 @@ class SCMObjective(_TangentObjective):
         with torch.no_grad():
             t = logit_normal(n, cfg.time_mu, cfg.time_sigma, generator, dev)
             r = torch.zeros_like(t)
-            data = x.float()
-            z = randn_like(data, generator)
-            x_t = interpolate(data, z, t)
-            v = self._velocity(data, z, x_t, t, cond, teacher)
+        x_t, v = self._noised(x, t, cond, teacher, generator)
         f = model(x_t.to(x.dtype), t, r, cond).float()
         with torch.no_grad():
             d = tangent(raw, x_t, t, r, v, cond, cfg.fd_eps)
             g = scm_residual(f.detach(), v, t, d, self.warmup_factor())
-            g_norm = _row_rms(g)
+            g_norm = row_rms(g)
             if cfg.tangent_norm_c > 0:
                 g = g / expand_time(g_norm + cfg.tangent_norm_c, g)
             target = f.detach() - g
         per_row = per_sample_mse(f, target)
         loss = per_row.sum() / rows
         stats: dict = {}
-        _add(stats, "loss/scm", per_row.detach().sum(), n)
-        _add(stats, "tangent_norm", g_norm.sum(), n)
-        _add(stats, "loss/total", loss.detach())
+        add_stat(stats, "loss/scm", per_row.detach().sum(), n)
+        add_stat(stats, "tangent_norm", g_norm.sum(), n)
+        add_stat(stats, "loss/total", loss.detach())
         return ObjectiveOutput(loss=loss, stats=stats)
 
     def warmup_factor(self) -> float:
@@ -208,8 +211,4 @@ def scm_residual(f: torch.Tensor, v: torch.Tensor, t: torch.Tensor, dfdt: torch.
                  warmup: float = 1.0) -> torch.Tensor:
     """g = F − v + warmup·t·dF/dt: −d/dt of the consistency function f = x_t − t·F, up to the warm-up."""
     return f - v + warmup * expand_time(t, f) * dfdt
-
-
-def _row_rms(x: torch.Tensor) -> torch.Tensor:
-    return x.float().flatten(1).pow(2).mean(1).sqrt()
 

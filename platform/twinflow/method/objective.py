@@ -143,7 +143,7 @@ class TwinFlowObjective:
             data = x.float().clone()
             if fake.any():
                 data[fake] = self._one_step_fakes(raw, select_rows(cond, fake), x[fake], generator)
-                _add(stats, "fake_norm", _row_rms(data[fake]).sum(), int(fake.sum()))
+                add_stat(stats, "fake_norm", row_rms(data[fake]).sum(), int(fake.sum()))
             z = randn_like(data, generator)
             x_t = interpolate(data, z, t)
             target = velocity(data, z)
@@ -185,7 +185,7 @@ class TwinFlowObjective:
         for b in Block:
             mask = block_ids == b
             if mask.any() and (b != Block.ONE_STEP or cfg.one_step_rcgm):
-                _add(stats, f"loss/{BLOCK_NAMES[b]}", per_row.detach()[mask].sum(), int(mask.sum()))
+                add_stat(stats, f"loss/{BLOCK_NAMES[b]}", per_row.detach()[mask].sum(), int(mask.sum()))
 
         if cfg.rectify_coef > 0 and one.any():
             with torch.no_grad():
@@ -195,10 +195,10 @@ class TwinFlowObjective:
             rect = sample_loss(self._kind(Block.ONE_STEP), f_one, rectify_target(f_one, dv), cfg.barron_alpha,
                                cfg.barron_c)
             loss = loss + cfg.rectify_coef * rect.sum() / max(norm.one_step_rows, 1e-12)
-            _add(stats, "loss/rectify", rect.detach().sum(), int(one.sum()))
-            _add(stats, "dv_norm", _row_rms(dv).sum(), int(one.sum()))
+            add_stat(stats, "loss/rectify", rect.detach().sum(), int(one.sum()))
+            add_stat(stats, "dv_norm", row_rms(dv).sum(), int(one.sum()))
 
-        _add(stats, "loss/total", loss.detach())  # mean over micro-batches = global-batch loss
+        add_stat(stats, "loss/total", loss.detach())  # mean over micro-batches = global-batch loss
         return ObjectiveOutput(loss=loss, stats=stats)
 
     def _kind(self, block: Block) -> str:
@@ -233,9 +233,9 @@ def _no_grad(fn: VelocityFn) -> VelocityFn:
     return call
 
 
-def _row_rms(x: torch.Tensor) -> torch.Tensor:
+def row_rms(x: torch.Tensor) -> torch.Tensor:
     return x.float().flatten(1).pow(2).mean(1).sqrt()
 
 
-def _add(stats: dict, name: str, total: torch.Tensor, count: int = 1) -> None:
+def add_stat(stats: dict, name: str, total: torch.Tensor, count: int = 1) -> None:
     stats[name] = (total.detach().float(), torch.tensor(float(count)))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 from functools import partial
+from typing import Callable
 
 import torch
 from torch import nn
@@ -63,13 +64,19 @@ class MethodSteps:
 
     def __init__(self, rig: Rig, methods: dict[str, MethodConfig], lora: bool):
         self.rig, self.methods, self.lora = rig, methods, lora
-        self._dmd: dict[str, tuple[DMDObjective, callable]] = {}
+        self._dmd: dict[str, tuple[DMDObjective, Callable[[], int]]] = {}
+        self._single: dict[str, object] = {}
 
     def step(self, name: str, measure: bool = False) -> StepResult:
         cfg, rig = self.methods[name], self.rig
         if isinstance(cfg, TwinFlowConfig):  # the rig's own path: block ids, the CFG uncond
             return rig.step(cfg, measure=measure)
-        objective = self._dmd_objective(name, cfg)[0] if isinstance(cfg, DMDConfig) else single_network_objective(cfg)
+        if isinstance(cfg, DMDConfig):
+            objective = self._dmd_objective(name, cfg)[0]
+        else:
+            if name not in self._single:
+                self._single[name] = single_network_objective(cfg)
+            objective = self._single[name]
         return objective_step(rig.velocity, objective, rig.optimizer, rig.latents, rig.cond, rig.block_ids,
                               generator=rig.generator, measure=measure)
 

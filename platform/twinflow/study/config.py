@@ -90,7 +90,6 @@ class StudyConfig:
         for name in self.methods:
             require(name in METHODS + RIVALS, "methods",
                     f"unknown method {name!r}; choose from {', '.join(METHODS + RIVALS)}")
-            getattr(self.method, name).validate(f"method.{name}")
         require(self.workers >= 1, "workers", "must be >= 1")
         require(self.parallel in ("runs", "data"), "parallel", f"choose runs or data, got {self.parallel!r}")
         if self.parallel == "data":

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from twinflow.config.tree import to_dict
-from twinflow.method import SamplerConfig, few_step, ode, sample
+from twinflow.method import SamplerConfig, ode, sample
 from twinflow.method.sampler import method_sampler
 from twinflow.ray_env import connect
 from twinflow.study.config import StudyConfig
@@ -28,10 +28,8 @@ def sampler_for(method: str, nfe: int, cfg: StudyConfig) -> SamplerConfig:
     at r = 0, re-noise: multistep consistency sampling), then many-step."""
     if method == "fm":
         return ode(nfe)
-    if method == "meanflow":
+    if method == "meanflow" or nfe <= cfg.eval.few_step_max_nfe:
         return method_sampler(method, nfe)
-    if nfe <= cfg.eval.few_step_max_nfe:
-        return few_step(nfe)
     return SamplerConfig(steps=nfe, gap=(0.001, 0.0), stochastic_ratio=0.0, style=cfg.eval.many_step_style)
 
 

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from twinflow.config.errors import require
-from twinflow.method import (BatchLayout, BlockWeights, EmaWeights, FrozenTeacher, LossNorm, TwinFlowConfig,
-                             allocate_micro_batch, fm, make_teacher)
+from twinflow.method import (BatchLayout, BlockWeights, EmaWeights, FrozenTeacher, LossNorm, SelfTeacher,
+                             TwinFlowConfig, allocate_micro_batch, fm, make_teacher)
 from twinflow.method.dmd import DMDConfig, DMDObjective
 from twinflow.method.objectives import MethodConfig, needs_teacher_model, single_network_objective
 from twinflow.method.lr_schedule import cosine_factor, warmup_factor
@@ -108,8 +108,7 @@ def train_run(data: Digits | Mixture2D, method: MethodConfig, s: TrainSettings, 
         torch.manual_seed(s.seed)  # identical initial weights on every rank
         raw = build_net(data, s.net)
     model = wrap(raw)
-    teacher = (make_teacher(method.teacher, raw, method.teacher_ema_decay) if isinstance(method, TwinFlowConfig)
-               else FrozenTeacher(raw))
+    teacher = _teacher_for(method, raw)
     ema = EmaWeights(raw, s.ema_decay, warmup=True) if s.ema_decay > 0 else None
     opt = torch.optim.AdamW(raw.parameters(), lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, s))
@@ -163,6 +162,14 @@ def _study_fm() -> TwinFlowConfig:
     cfg = fm()
     cfg.enhance_ratio = 0.0
     return cfg
+
+
+def _teacher_for(method: MethodConfig, raw: nn.Module):
+    """TwinFlow's configured teacher; the pretrained weights (frozen) for a distilling rival; else the online
+    network, which a rival training from data never calls."""
+    if isinstance(method, TwinFlowConfig):
+        return make_teacher(method.teacher, raw, method.teacher_ema_decay)
+    return FrozenTeacher(raw) if needs_teacher_model(method) else SelfTeacher(raw)
 
 
 def _wants_uncond(method: MethodConfig) -> bool:

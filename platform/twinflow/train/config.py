@@ -347,8 +347,6 @@ class TrainConfig:
 
     def validate(self, path: str = "") -> None:
         ds, tf = self.deepspeed, self.twinflow
-        require(self.method in ("twinflow", "meanflow", "scm"), "method",
-                f"choose twinflow, meanflow or scm, got {self.method!r} (dmd2 / vsd: jobs/small_scale_study.py --methods)")
         try:
             block_counts(self.block_weights(), self.layout.global_batch)
         except ConfigError as exc:
