@@ -2,7 +2,7 @@
 
 Trains each method on sklearn's handwritten digits (class-conditional, 8×8) and on a 2-D Gaussian
 mixture with Ray Train CPU workers (a fresh local Ray unless RAY_ADDRESS / --address), once per
-training seed (--train-seeds, default 3; 1 with --quick), samples each at 1, 2, 4 and 100 NFE with
+training seed (--train-seeds, default 3; 1 with --quick), samples each at 1, 2, 4, 8 and 100 NFE with
 fixed seeds, and scores them against their real-vs-real floors: every cell is the mean ± std over
 training seeds, with ratios to flow matching at 100 NFE (seed by seed, and floor-corrected).
 Writes OUT/results.json, OUT/results.md and OUT/samples_<dataset>_<method>.png.
@@ -11,6 +11,7 @@ Writes OUT/results.json, OUT/results.md and OUT/samples_<dataset>_<method>.png.
     python jobs/small_scale_study.py --out runs/study        # the full study (3 training seeds; one seed took ≈20 min)
     python jobs/small_scale_study.py --quick --methods fm,twinflow,meanflow,scm,dmd2,vsd   # with the rivals
     python jobs/small_scale_study.py --sweep-lam             # the λ ablation on digits (λ = 0 … 2/3)
+    python jobs/small_scale_study.py --quick --train-seeds 3 --ablation   # the loss ablation (study/ablation.py)
     python jobs/small_scale_study.py --datasets mixture2d --steps 3000 --lam 0.25 \
         --set method.twinflow.teacher=ema --set eval.seeds=1
     ray job submit --working-dir . -- python jobs/small_scale_study.py --workers 4
@@ -30,6 +31,7 @@ import _code_path  # noqa: E402,F401 - the submitted checkout first on sys.path 
 
 from twinflow.config.cli import Shortcut, job_parser, interrupted, resolve_config  # noqa: E402
 from twinflow.config.tree import dump_yaml  # noqa: E402
+from twinflow.study.ablation import ABLATIONS  # noqa: E402
 from twinflow.study.config import DATASETS, METHODS, PAPER_LAMBDAS, PRESETS, RIVALS, StudyConfig  # noqa: E402
 
 
@@ -40,6 +42,16 @@ def _sweep_lam(value: str, args: argparse.Namespace) -> list[str]:
         sets.append("datasets=[digits]")
     if not args.out:
         sets.append(f"out=runs/study-lam{'-quick' if args.quick else ''}")
+    return sets
+
+
+def _ablation(value: str, args: argparse.Namespace) -> list[str]:
+    names = list(ABLATIONS) if value == "all" else value.split(",")
+    sets = [f"ablation=[{', '.join(names)}]"]
+    if not args.methods:
+        sets.append("methods=[fm]")  # the reference every ratio is taken against
+    if not args.out:
+        sets.append(f"out=runs/study-ablation{'-quick' if args.quick else ''}")
     return sets
 
 
@@ -61,6 +73,9 @@ SHORTCUTS = (
     Shortcut("--sweep-lam", _sweep_lam, "λ ablation instead of the comparison: TwinFlow at each λ (default "
              "0,1/6,1/3,1/2,2/3) on digits unless --datasets says otherwise", nargs="?", const="paper",
              metavar="L1,L2,..."),
+    Shortcut("--ablation", _ablation, f"the loss ablation: TwinFlow variants beside FM (all: {','.join(ABLATIONS)}; "
+             "study/ablation.py), on both datasets unless --datasets says otherwise", nargs="?", const="all",
+             metavar="V1,V2,..."),
 )
 
 

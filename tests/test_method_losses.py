@@ -93,3 +93,60 @@ def test_block_loss_fields_are_validated_by_name():
         cfg.validate()
     assert Block.FAKE in Block  # the four blocks each have a setting
     assert {b.name.lower() for b in Block} == {"one_step", "near_diag", "any_step", "fake"}
+
+
+class CallCounter(torch.nn.Module):
+    """Wraps a network and records the batch size of every call."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.rows = net, []
+
+    def forward(self, x, t, r, cond=None):
+        self.rows.append(x.shape[0])
+        return self.net(x, t, r, cond)
+
+
+def test_real_velocity_term_on_plain_flow_matching_scales_the_loss_by_one_plus_w():
+    """On FM rows (r = t, target v, l2, unclipped, no time weight) the tutorial's term ℓ(F(x_t, t, t), v) is the
+    FM loss itself: with weight w the loss and its gradient are exactly (1 + w)× those without it, and the rows
+    ride in the one pass with gradient (2B rows, one call)."""
+    from twinflow.method import fm
+    torch.manual_seed(0)
+    net = ToyMLP(width=32, depth=2)
+    x = torch.randn(16, 2)
+    ids = allocate_micro_batch(fm().weights(), BatchLayout(16))
+    outs, grads = [], []
+    for w in (0.0, 0.5):
+        cfg = fm()
+        cfg.real_velocity_weight = w
+        counted = CallCounter(net)
+        out = TwinFlowObjective(cfg)(counted, x, None, ids, generator=torch.Generator().manual_seed(3))
+        outs.append(out)
+        grads.append(torch.autograd.grad(out.loss, list(net.parameters())))
+        assert counted.rows == ([16] if w == 0 else [32])
+    assert outs[1].loss.item() == pytest.approx(1.5 * outs[0].loss.item(), rel=1e-6)
+    for a, b in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, 1.5 * b, rtol=1e-5, atol=1e-7)
+    m = outs[1].means()
+    assert m["loss/real_velocity"] == pytest.approx(m["loss/near_diag"], rel=1e-6)
+    assert "loss/real_velocity" not in outs[0].means()
+
+
+def test_real_velocity_term_covers_real_rows_only_and_is_never_clipped():
+    torch.manual_seed(0)
+    net = ToyMLP(width=32, depth=2)
+    cfg = twinflow()
+    cfg.enhance_ratio = 0.0
+    cfg.real_velocity_weight = 1.0
+    ids = allocate_micro_batch(cfg.weights(), BatchLayout(24))
+    counted = CallCounter(net)
+    # x scaled so |F − v| is far beyond the ±1 clip: a clipped term would stay near 1 per element
+    out = TwinFlowObjective(cfg)(counted, 10 * torch.randn(24, 2), None, ids, generator=torch.Generator().manual_seed(0))
+    n_real = int((ids != Block.FAKE).sum())
+    # one call (the pass with gradient) sees every row and then the real rows again; no other call grows
+    assert n_real < 24 and counted.rows.count(24 + n_real) == 1 and max(counted.rows) == 24 + n_real
+    assert out.means()["loss/real_velocity"] > 20
+    cfg.real_velocity_weight = -1.0
+    with pytest.raises(ConfigError, match=r"^twinflow\.real_velocity_weight: must be >= 0"):
+        cfg.validate()

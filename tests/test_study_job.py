@@ -1,5 +1,6 @@
 """The small-scale study end to end through Ray Train: schema of results.json, tables, grids."""
 
+import importlib
 import json
 import math
 import subprocess
@@ -35,7 +36,7 @@ def test_tiny_study_through_ray_train_writes_the_documented_schema(ray_local, tm
         assert set(on_disk[ds]) == set(ALL_METHODS)  # the paper's rivals beside TwinFlow, same data and scoring
         for method, by_nfe in on_disk[ds].items():
             # one-step generators (DMD2, VSD) are scored at 1 NFE only (study/runner.py ONE_STEP_ONLY)
-            assert set(by_nfe) == ({"nfe_1"} if method in ("dmd2", "vsd") else {"nfe_1", "nfe_2", "nfe_4", "nfe_100"})
+            assert set(by_nfe) == ({"nfe_1"} if method in ("dmd2", "vsd") else {"nfe_1", "nfe_2", "nfe_4", "nfe_8", "nfe_100"})
             for row in by_nfe.values():
                 for m in names:
                     assert isinstance(row[m], float) and math.isfinite(row[m]), (ds, method, m)
@@ -124,3 +125,39 @@ def test_dry_run_prints_the_resolved_config():
                            "--dry-run"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "lam: 0.25" in proc.stdout and "steps: 800" in proc.stdout
+
+
+def test_ablation_cells_differ_from_twinflow_by_their_edit_only():
+    """--ablation: every variant is the study's TwinFlow cell with one change, beside FM, each training seed."""
+    from twinflow.config.tree import to_dict
+    from twinflow.study.ablation import ABLATIONS
+    from twinflow.study.runner import study_runs
+
+    main = importlib.import_module("small_scale_study")
+    cfg = main.resolve_config(main.StudyConfig, main.parse_args(["--quick", "--train-seeds", "2", "--ablation"]),
+                              main.PRESETS, main.SHORTCUTS, preset="quick")
+    assert cfg.methods == ["fm"] and cfg.ablation == list(ABLATIONS) and cfg.out == "runs/study-ablation-quick"
+    runs = study_runs(cfg)
+    assert len(runs) == 2 * (1 + len(ABLATIONS)) * 2
+    by_name = {(r["dataset"], r["method_name"], r["train_seed"]): r for r in runs}
+    base = by_name[("mixture2d", "twinflow-default", 1)]
+    assert to_dict(base["method"]) == to_dict(cfg.method.twinflow) and base["train"].seed == cfg.mixture2d.seed + 1
+
+    def changed(name):
+        run = by_name[("mixture2d", f"twinflow-{name}", 1)]
+        flat = {**_flat(to_dict(run["method"]), "method"), **_flat(to_dict(run["train"]), "train")}
+        ref = {**_flat(to_dict(base["method"]), "method"), **_flat(to_dict(base["train"]), "train")}
+        return {k for k in flat if flat[k] != ref[k]}
+
+    assert changed("l2_near_diag") == {"method.block_loss.near_diag.loss", "method.block_loss.near_diag.clip"}
+    assert changed("real_velocity") == {"method.real_velocity_weight"}
+    assert changed("constant_lr") == {"train.lr_schedule"}
+    assert changed("lam_half") == {"method.lam"}
+    assert cfg.method.twinflow.real_velocity_weight == 0  # the edits never leak into the shared cell
+
+
+def _flat(d: dict, prefix: str) -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}") if isinstance(v, dict) else {f"{prefix}.{k}": v})
+    return out

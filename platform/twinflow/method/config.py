@@ -102,6 +102,13 @@ class TwinFlowConfig:
     block_loss: BlockLosses = field(default_factory=BlockLosses)
     """Per block: the loss kind and whether its RCGM residual is clipped (docs/METHOD.md §11)."""
     time_weight: Literal["tan", "none"] = "tan"
+    real_velocity_weight: float = 0.0
+    """Weight of the released MNIST tutorial's optional real-velocity term w·ℓ(F(x_t, t, t), v) on every
+    real row: the velocity on the diagonal regressed on v itself (the enhanced v when enhancement is on),
+    never clipped, no time weight. Its rows join the one pass with gradient (a larger batch, not a second
+    call); 0 (the released production code) turns it off (docs/METHOD.md §11)."""
+    real_velocity_loss: Literal["barron", "l2"] = "l2"
+    """ℓ of the real-velocity term; the tutorial's plain MSE by default."""
 
     # --- teacher f̄ for enhancement and rollouts (docs/METHOD.md §12) ----------------------
     teacher: Literal["self", "ema", "frozen"] = "self"
@@ -129,6 +136,8 @@ class TwinFlowConfig:
         require(a > 0 and b > 0 and 0 < s <= 1, f"{p}.time_dist", "Beta(a, b)·scale needs a, b > 0 and 0 < scale <= 1")
         require(0 <= self.teacher_ema_decay <= 1, f"{p}.teacher_ema_decay", "must be in [0, 1]")
         require(self.loss in LOSSES, f"{p}.loss", f"must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        require(self.real_velocity_weight >= 0, f"{p}.real_velocity_weight",
+                f"must be >= 0 (0 turns the term off), got {self.real_velocity_weight}")
         self.block_loss.validate(f"{p}.block_loss")
         for name in ("rcgm_clip", "rectify_clip"):
             v = getattr(self, name)

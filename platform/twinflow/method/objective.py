@@ -7,6 +7,7 @@ and its loss:
   NEAR_DIAG  r ≈ t         RCGM target (flow matching when t − r < δ)
   ANY_STEP   r ~ U(0, t)   RCGM target
   FAKE       (−τ, −τ)      L_adv: flow matching toward detached one-step fakes
+  (optional) every real row again at (t, t): w·ℓ(F, v), the tutorial's real-velocity term
 
 The network is called once with gradient, on the whole micro-batch; every other call (fake
 generation, CFG teacher, RCGM rollout, Δv) runs under no_grad. Loss per row is
@@ -26,7 +27,7 @@ from twinflow.method.blocks import BLOCK_NAMES, Block, LossNorm
 from twinflow.method.config import TwinFlowConfig
 from twinflow.method.losses import sample_loss, time_weight
 from twinflow.method.path import endpoints, expand_time, interpolate, velocity
-from twinflow.method.rows import mix_rows, rand, randn_like, sample_time, select_rows
+from twinflow.method.rows import cat_rows, mix_rows, rand, randn_like, sample_time, select_rows
 from twinflow.method.teacher import SelfTeacher, Teacher, VelocityFn
 
 
@@ -150,7 +151,14 @@ class TwinFlowObjective:
             t_in = torch.where(fake, -t, t)
             r_in = torch.where(fake, -t, r)
 
-        f = model(x_t.to(x.dtype), t_in, r_in, cond).float()
+        rv = real.nonzero().squeeze(1) if cfg.real_velocity_weight > 0 else None
+        if rv is not None and len(rv):
+            # The real-velocity rows (x_t, t, t) ride along in the one pass with gradient.
+            f_all = model(torch.cat([x_t, x_t[rv]]).to(x.dtype), torch.cat([t_in, t[rv]]),
+                          torch.cat([r_in, t[rv]]), cat_rows(cond, select_rows(cond, rv))).float()
+            f, f_rv = f_all[:n], f_all[n:]
+        else:
+            f, f_rv = model(x_t.to(x.dtype), t_in, r_in, cond).float(), None
 
         with torch.no_grad():
             fd = f.detach()
@@ -165,6 +173,8 @@ class TwinFlowObjective:
                 vc = teacher.velocity(x_t[idx], tt, tt, select_rows(cond, idx)).float()
                 vu = teacher.velocity(x_t[idx], tt, tt, select_rows(uncond, idx)).float()
                 target[idx] = target[idx] + cfg.enhance_ratio * (vc - vu)
+
+            v_rv = target[rv].clone() if f_rv is not None else None  # v after enhancement, before RCGM
 
             based = (near | anyb | (one if cfg.one_step_rcgm else torch.zeros_like(one)))
             if based.any():
@@ -186,6 +196,11 @@ class TwinFlowObjective:
             mask = block_ids == b
             if mask.any() and (b != Block.ONE_STEP or cfg.one_step_rcgm):
                 add_stat(stats, f"loss/{BLOCK_NAMES[b]}", per_row.detach()[mask].sum(), int(mask.sum()))
+
+        if f_rv is not None:
+            rv_loss = sample_loss(cfg.real_velocity_loss, f_rv, v_rv, cfg.barron_alpha, cfg.barron_c)
+            loss = loss + cfg.real_velocity_weight * rv_loss.sum() / norm.rows
+            add_stat(stats, "loss/real_velocity", rv_loss.detach().sum(), len(rv))
 
         if cfg.rectify_coef > 0 and one.any():
             with torch.no_grad():

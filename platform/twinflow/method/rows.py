@@ -25,6 +25,24 @@ def select_rows(cond: Any, rows: torch.Tensor) -> Any:
     raise TypeError(f"cannot select rows of a condition of type {type(cond).__name__}")
 
 
+def cat_rows(cond: Any, more: Any) -> Any:
+    """The rows of ``cond`` followed by those of ``more`` (same structure; sequence tensors padded as
+    ``mix_rows`` does), for one network call over two sets of rows."""
+    if cond is None:
+        return None
+    if isinstance(cond, torch.Tensor):
+        a, b = cond, more.to(cond.dtype)
+        if a.dim() >= 2 and a.shape[1] != b.shape[1]:
+            length = max(a.shape[1], b.shape[1])
+            a, b = _pad_dim1(a, length), _pad_dim1(b, length)
+        return torch.cat([a, b], dim=0)
+    if isinstance(cond, dict):
+        return {k: cat_rows(v, more[k]) for k, v in cond.items()}
+    if isinstance(cond, (list, tuple)):
+        return type(cond)(cat_rows(v, o) for v, o in zip(cond, more))
+    raise TypeError(f"cannot concatenate rows of a condition of type {type(cond).__name__}")
+
+
 def mix_rows(cond: Any, other: Any, rows: torch.Tensor) -> Any:
     """cond with the rows in ``rows`` (bool mask [B]) taken from ``other`` (same structure, same batch).
 

@@ -9,6 +9,7 @@ from twinflow.config.errors import require
 from twinflow.method import TwinFlowConfig, fm, rcgm, twinflow
 from twinflow.method.dmd import DMDConfig, dmd2, vsd
 from twinflow.method.meanflow import MeanFlowConfig, SCMConfig
+from twinflow.study.ablation import ABLATIONS
 from twinflow.study.trainer import NetSettings, TrainSettings
 
 DATASETS = ("digits", "mixture2d")
@@ -40,7 +41,7 @@ class Methods:
 
 @dataclass
 class EvalSettings:
-    nfe: list[int] = field(default_factory=lambda: [1, 2, 4, 100])
+    nfe: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 100])
     seeds: int = 3
     """Independent evaluation seeds; every metric is the mean over them (std reported too)."""
     mixture_samples: int = 20_000
@@ -80,6 +81,9 @@ class StudyConfig:
     train_seeds: int = 3
     """Independently trained runs per cell (training seed = <dataset>.seed + k); every metric is the
     mean over them with its spread (study/seeds.py). Evaluation seeds (eval.seeds) come on top."""
+    ablation: list[str] = field(default_factory=list)
+    """TwinFlow variants (study/ablation.py ABLATIONS) added to the comparison as cells named
+    ``twinflow-<variant>``, each the TwinFlow cell with one change (--ablation)."""
     sweep_lam: list[float] = field(default_factory=list)
     """λ values for the λ ablation (--sweep-lam): TwinFlow alone on ``datasets`` at each λ, scored
     at 1 NFE (plus the other eval.nfe), written as results["lam_sweep"] and a λ plot."""
@@ -90,6 +94,8 @@ class StudyConfig:
         for name in self.methods:
             require(name in METHODS + RIVALS, "methods",
                     f"unknown method {name!r}; choose from {', '.join(METHODS + RIVALS)}")
+        for name in self.ablation:
+            require(name in ABLATIONS, "ablation", f"unknown variant {name!r}; choose from {', '.join(ABLATIONS)}")
         require(self.workers >= 1, "workers", "must be >= 1")
         require(self.parallel in ("runs", "data"), "parallel", f"choose runs or data, got {self.parallel!r}")
         if self.parallel == "data":
@@ -117,7 +123,7 @@ def quick() -> StudyConfig:
     for s in (cfg.digits, cfg.mixture2d):
         s.log_every = 100
         s.ema_decay = 0.99  # a 0.999 average would still remember the initial weights
-    cfg.eval = EvalSettings(nfe=[1, 2, 4, 100], seeds=1, mixture_samples=5000)
+    cfg.eval = EvalSettings(nfe=[1, 2, 4, 8, 100], seeds=1, mixture_samples=5000)
     cfg.train_seeds = 1
     return cfg
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import replace
@@ -14,6 +15,7 @@ from twinflow.config.tree import to_dict
 from twinflow.method import SamplerConfig, ode, sample
 from twinflow.method.sampler import method_sampler
 from twinflow.ray_env import connect
+from twinflow.study.ablation import ABLATIONS, cell_name
 from twinflow.study.config import StudyConfig
 from twinflow.study.datasets import Digits, Mixture2D
 from twinflow.study.metrics import DigitsJudge, mixture_floor, score_mixture
@@ -93,9 +95,15 @@ def study_runs(cfg: StudyConfig) -> list[dict]:
     else:
         cells = [{"dataset": d, "method_name": m, "method": getattr(cfg.method, m)}
                  for d in cfg.datasets for m in cfg.methods]
+        for d in cfg.datasets:
+            for v in cfg.ablation:
+                method, train = copy.deepcopy(cfg.method.twinflow), copy.deepcopy(getattr(cfg, d))
+                ABLATIONS[v].edit(method, train)
+                cells.append({"dataset": d, "method_name": cell_name(v), "method": method, "train": train,
+                              "sampler": "twinflow"})
     runs = []
     for cell in cells:
-        train = getattr(cfg, cell["dataset"])
+        train = cell.pop("train", None) or getattr(cfg, cell["dataset"])
         for k in range(cfg.train_seeds):
             runs.append({**cell, "train": replace(train, seed=train.seed + k), "train_seed": k})
     return runs
@@ -106,8 +114,10 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     connect()
     runs = study_runs(cfg)
-    log(f"training {len(runs)} runs ({', '.join(r['dataset'] + '/' + r['method_name'] for r in runs)}) "
-        f"on {cfg.workers} Ray Train workers (parallel: {cfg.parallel})")
+    cells = list(dict.fromkeys(f"{r['dataset']}/{r['method_name']}" for r in runs))
+    seeds = f" × {cfg.train_seeds} training seeds" if cfg.train_seeds > 1 else ""
+    log(f"training {len(runs)} runs ({', '.join(cells)}{seeds}) on {cfg.workers} Ray Train workers "
+        f"(parallel: {cfg.parallel})")
     t0 = time.time()
     trained = fit_runs(runs, cfg.workers, out / "ray", f"study-{time.strftime('%Y%m%d-%H%M%S')}",
                        cfg.mixture.modes, cfg.mixture.seed, cfg.parallel)
@@ -125,7 +135,7 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
             judges[ds] = DigitsJudge.fit(data) if isinstance(data, Digits) else None
             reference[ds] = reference_floor(data, cfg, judges[ds])
         t1 = time.time()
-        sampler_name = "twinflow" if "lam" in run else method
+        sampler_name = "twinflow" if "lam" in run else run.get("sampler", method)
         scores, samples = evaluate(tr.net, sampler_name, data, cfg, judges[ds])
         per_seed.setdefault((ds, method), []).append(scores)
         if "lam" not in run and k == 0:

@@ -57,7 +57,7 @@ INPUT_ERRORS = (BadDataError, CheckpointError, FileProblem, DataStopped)
 """Errors that a restart cannot fix: reported to the user instead of retried."""
 
 STAT_KEYS = ("loss/total", "loss/one_step", "loss/near_diag", "loss/any_step", "loss/fake", "loss/rectify",
-             "dv_norm", "fake_norm", "loss/meanflow", "loss/scm", "tangent_norm")
+             "dv_norm", "fake_norm", "loss/meanflow", "loss/scm", "tangent_norm", "loss/real_velocity")
 _EXTRA = ("bad_loss", "skipped", "data_wait_s")  # appended after the (sum, count) pairs
 
 
