@@ -153,7 +153,22 @@ def test_ablation_cells_differ_from_twinflow_by_their_edit_only():
     assert changed("real_velocity") == {"method.real_velocity_weight"}
     assert changed("constant_lr") == {"train.lr_schedule"}
     assert changed("lam_half") == {"method.lam"}
+    assert changed("l2_near_diag_real_velocity") == {"method.block_loss.near_diag.loss",
+                                                      "method.block_loss.near_diag.clip", "method.real_velocity_weight"}
     assert cfg.method.twinflow.real_velocity_weight == 0  # the edits never leak into the shared cell
+
+
+def test_the_unbiased_preset_and_its_override_dict_are_one_rule():
+    """twinflow_unbiased() and the ``twinflow:`` overrides the mini paper's run writes give the same config."""
+    from twinflow.config.tree import from_dict, merge_into, to_dict
+    from twinflow.method import TwinFlowConfig, twinflow, twinflow_unbiased
+    from twinflow.method.config import UNBIASED
+
+    via_dict = from_dict(TwinFlowConfig, merge_into(TwinFlowConfig, to_dict(twinflow()), UNBIASED))
+    assert to_dict(via_dict) == to_dict(twinflow_unbiased()) != to_dict(twinflow())
+    cfg = twinflow_unbiased()
+    assert (cfg.block_loss.near_diag.loss, cfg.block_loss.near_diag.clip, cfg.real_velocity_weight) == ("l2", False, 1.0)
+    assert cfg.loss == "barron" and cfg.block_loss.any_step.clip  # every other block keeps the released recipe
 
 
 def _flat(d: dict, prefix: str) -> dict:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from twinflow.method import TwinFlowConfig
+from twinflow.method.config import unbiased
 from twinflow.study.trainer import TrainSettings
 
 
@@ -30,8 +31,7 @@ def _real_velocity(m: TwinFlowConfig, s: TrainSettings) -> None:
 
 
 def _both(m: TwinFlowConfig, s: TrainSettings) -> None:
-    _l2_near_diag(m, s)
-    _real_velocity(m, s)
+    unbiased(m)  # twinflow_unbiased(): the two changes above together
 
 
 def _constant_lr(m: TwinFlowConfig, s: TrainSettings) -> None:
@@ -47,7 +47,7 @@ ABLATIONS: dict[str, Variant] = {
                        lambda m, s: None),
     "l2_near_diag": Variant("near-diagonal rows with l2 and no clip", _l2_near_diag),
     "real_velocity": Variant("+ the tutorial's real-velocity term ℓ(F(x_t, t, t), v), weight 1", _real_velocity),
-    "l2_near_diag_real_velocity": Variant("both of the above", _both),
+    "l2_near_diag_real_velocity": Variant("both of the above: method.config.twinflow_unbiased()", _both),
     "constant_lr": Variant("constant learning rate after warm-up instead of cosine", _constant_lr),
     "lam_half": Variant("λ = 1/2: the released code's fixed 1:1:1:1 block mix", _lam_half),
 }
