@@ -115,6 +115,36 @@ def save_lambda_plot(path: Path, sweep: dict) -> None:
         plt.close(fig)
 
 
+def save_ablation_plot(path: Path, results: dict, cells: list[str], nfe: str = "nfe_1") -> None:
+    """One panel per dataset: the headline metric at ``nfe`` of every ablation cell (study/ablation.py), with
+    the training-seed spread as error bars and flow matching at 100 NFE as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from twinflow.study.seeds import HEADLINE, REFERENCE
+
+    datasets = [ds for ds in HEADLINE if ds in results and any(c in results[ds] for c in cells)]
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 0.45 * len(cells) + 1.4), squeeze=False)
+    for ax, ds in zip(axes[0], datasets):
+        metric, names = HEADLINE[ds], [c for c in cells if c in results[ds]]
+        rows = [results[ds][c][nfe] for c in names]
+        spread = [r.get(f"{metric}_train_std", r.get(f"{metric}_std", 0.0)) for r in rows]
+        ax.barh(range(len(names)), [r[metric] for r in rows], xerr=spread, color="tab:blue", alpha=0.7)
+        ax.set_yticks(range(len(names)), [n.removeprefix("twinflow-") for n in names])
+        ax.invert_yaxis()
+        ref = results[ds].get(REFERENCE[0], {}).get(REFERENCE[1])
+        if ref is not None:
+            ax.axvline(ref[metric], color="k", ls="--", lw=1, label="flow matching, 100 NFE")
+            ax.legend(loc="lower right", fontsize=8)
+        ax.set_xlabel(f"{metric} at {nfe.removeprefix('nfe_')} NFE (lower is better)")
+        ax.set_title(ds)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 def save_grids(out: Path, dataset: str, method: str, samples: dict[int, torch.Tensor], data) -> None:
     import matplotlib
 
@@ -135,9 +165,10 @@ def save_grids(out: Path, dataset: str, method: str, samples: dict[int, torch.Te
             ax.set_xlim(-3, 3)
             ax.set_ylim(-3, 3)
             ax.set_aspect("equal")
-        ax.set_title(f"{method}, {k} NFE")
+        ax.set_title(f"{k} NFE")
         ax.set_xticks([])
         ax.set_yticks([])
+    fig.suptitle(f"{dataset}: {method}")
     fig.tight_layout()
     fig.savefig(out / f"samples_{dataset}_{method}.png", dpi=80)
     plt.close(fig)

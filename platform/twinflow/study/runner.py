@@ -20,7 +20,7 @@ from twinflow.study.config import StudyConfig
 from twinflow.study.datasets import Digits, Mixture2D
 from twinflow.study.metrics import DigitsJudge, mixture_floor, score_mixture
 from twinflow.study.ray_job import fit_runs, load_dataset
-from twinflow.study.report import save_grids, save_lambda_plot, write_markdown
+from twinflow.study.report import save_ablation_plot, save_grids, save_lambda_plot, write_markdown
 from twinflow.study.seeds import HEADLINE, combine, ratios_to_reference
 
 
@@ -155,6 +155,8 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
             sweep.setdefault(ds, {})[f"{run['lam']:.4f}"] = cell
         else:
             results.setdefault(ds, {})[method] = cell
+    if cfg.ablation:
+        save_ablation_plot(out / "ablation.png", results, [cell_name(v) for v in cfg.ablation])
     if sweep:
         results["lam_sweep"] = sweep
         save_lambda_plot(out / "lam_sweep.png", sweep)
