@@ -26,29 +26,22 @@ def select_rows(cond: Any, rows: torch.Tensor) -> Any:
 
 
 def cat_rows(cond: Any, more: Any) -> Any:
-    """The rows of ``cond`` followed by those of ``more`` (same structure; sequence tensors padded as
-    ``mix_rows`` does), for one network call over two sets of rows."""
-    if cond is None:
-        return None
-    if isinstance(cond, torch.Tensor):
-        a, b = cond, more.to(cond.dtype)
-        if a.dim() >= 2 and a.shape[1] != b.shape[1]:
-            length = max(a.shape[1], b.shape[1])
-            a, b = _pad_dim1(a, length), _pad_dim1(b, length)
-        return torch.cat([a, b], dim=0)
-    if isinstance(cond, dict):
-        return {k: cat_rows(v, more[k]) for k, v in cond.items()}
-    if isinstance(cond, (list, tuple)):
-        return type(cond)(cat_rows(v, o) for v, o in zip(cond, more))
-    raise TypeError(f"cannot concatenate rows of a condition of type {type(cond).__name__}")
+    """The rows of ``cond`` followed by those of ``more`` (same structure), for one network call over
+    two sets of rows."""
+    return _rowwise(cond, more, lambda a, b: torch.cat([a, b], dim=0), "concatenate")
 
 
 def mix_rows(cond: Any, other: Any, rows: torch.Tensor) -> Any:
-    """cond with the rows in ``rows`` (bool mask [B]) taken from ``other`` (same structure, same batch).
+    """cond with the rows in ``rows`` (bool mask [B]) taken from ``other`` (same structure, same batch)."""
+    def take(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.where(rows.reshape(-1, *([1] * (a.dim() - 1))).to(a.device), b, a)
+    return _rowwise(cond, other, take, "mix")
 
+
+def _rowwise(cond: Any, other: Any, combine, what: str) -> Any:
+    """``combine(a, b)`` on every pair of batch-first tensors of two conditions of the same structure.
     Sequence tensors ([B, L, ...]) of different lengths are zero-padded to the longer one first, so a
-    padded prompt embedding and its mask (0 = padding) stay a valid pair for either source.
-    """
+    padded prompt embedding and its mask (0 = padding) stay a valid pair for either source."""
     if cond is None:
         return None
     if isinstance(cond, torch.Tensor):
@@ -56,13 +49,12 @@ def mix_rows(cond: Any, other: Any, rows: torch.Tensor) -> Any:
         if a.dim() >= 2 and a.shape[1] != b.shape[1]:
             length = max(a.shape[1], b.shape[1])
             a, b = _pad_dim1(a, length), _pad_dim1(b, length)
-        keep = rows.reshape(-1, *([1] * (a.dim() - 1))).to(a.device)
-        return torch.where(keep, b, a)
+        return combine(a, b)
     if isinstance(cond, dict):
-        return {k: mix_rows(v, other[k], rows) for k, v in cond.items()}
+        return {k: _rowwise(v, other[k], combine, what) for k, v in cond.items()}
     if isinstance(cond, (list, tuple)):
-        return type(cond)(mix_rows(v, o, rows) for v, o in zip(cond, other))
-    raise TypeError(f"cannot mix rows of a condition of type {type(cond).__name__}")
+        return type(cond)(_rowwise(v, o, combine, what) for v, o in zip(cond, other))
+    raise TypeError(f"cannot {what} rows of a condition of type {type(cond).__name__}")
 
 
 def _pad_dim1(x: torch.Tensor, length: int) -> torch.Tensor:
