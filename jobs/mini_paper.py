@@ -3,6 +3,7 @@
     python jobs/mini_paper.py                        # ~35 min on 2 cores (the base cached: see build_base.py)
     python jobs/mini_paper.py --quick                # shorter runs and sweep, ~15 min: plumbing, noisier
     python jobs/mini_paper.py --runs twinflow-lora,meanflow-lora,scm-lora --no-sweep   # TwinFlow vs its rivals
+    python jobs/mini_paper.py --runs twinflow-lora,dmd2-lora,vsd-lora --no-sweep       # ... the fake-score ones
     python jobs/mini_paper.py --dry-run              # every run / evaluation / sweep it would launch
 
 What it runs, each through its job's own front door (main(argv): the same presets, --config, --set):
@@ -15,6 +16,9 @@ What it runs, each through its job's own front door (main(argv): the same preset
                twinflow-unbiased-lora  twinflow-lora with twinflow_unbiased()'s losses (method/config.py UNBIASED)
                meanflow-lora   MeanFlow (finite-difference tangent), the same LoRA set-up; 1/2/4/8 NFE
                scm-lora        sCM (continuous-time consistency, finite-difference tangent); 1/2/4/8 NFE
+               dmd2-lora       DMD2: the student and a fake-score adapter on one base, real score = adapters
+                               off, 5 fake steps per student step; 1/2/4/8 NFE
+               vsd-lora        VSD on the same machinery (ε-space weighting, 1 fake step)
   evals      jobs/evaluate.py --preset digits (the digits benchmark on the Ray actor pool): the base at
              1/2/4/100 NFE (its own Euler scheduler), each run's final/pipeline at 1/2/4 NFE
   λ curve    jobs/tune_lambda.py --preset digits-base-lam (Ray Tune; 1-NFE digits probe per trial)
@@ -51,8 +55,13 @@ RUNS = {
     # up to 8 NFE, where the paper compares them with TwinFlow at 1. sCM's tangent warm-up: 20 % of the run.
     "meanflow-lora": ("digits", {"method": "meanflow"}),
     "scm-lora": ("digits", {"method": "scm", "scm": {"tangent_warmup": 300}}),
+    # The fake-score rivals in their memory-light form: one base, the student and a "fake" adapter, the real
+    # score the base with adapters off (train/fake_score.py); DMD2 5 fake steps per student step, VSD 1.
+    "dmd2-lora": ("digits", {"method": "dmd2"}),
+    "vsd-lora": ("digits", {"method": "vsd"}),
 }
 RIVAL_RUNS = ("meanflow-lora", "scm-lora")
+DMD_RUNS = ("dmd2-lora", "vsd-lora")
 
 
 def _job(name: str):
@@ -74,7 +83,7 @@ def plan(out: Path, quick: bool) -> dict:
                       "--set", f"output_dir={out / 'eval' / 'base'}"]}
     for name in RUNS:
         evals[name] = ["--preset", "digits", "--checkpoint", str(out / "runs" / f"mini-{name}" / "final"),
-                       "--nfe", "1,2,4,8" if name in RIVAL_RUNS else "1,2,4",
+                       "--nfe", "1,2,4,8" if name in RIVAL_RUNS + DMD_RUNS else "1,2,4",
                        "--set", f"output_dir={out / 'eval' / name}"]
     sweep = ["--preset", "digits-base-lam", "--set", f"storage_path={out / 'tune'}"]
     if quick:
@@ -131,6 +140,13 @@ def targets(table: dict) -> list[dict]:
             value = _ratio(tf1["frechet"], r8["frechet"])
             out.append({"target": f"TwinFlow 1-NFE Fréchet < {rival} 8-NFE", "value": value, "bound": 1.0,
                         "holds": (value or 9) < 1.0})
+    for rival in DMD_RUNS:  # the paper: DMD at 1 NFE collapses modes (lower recall / within-prompt diversity)
+        r1 = table.get(rival, {}).get(1)
+        if r1 is not None:
+            for metric, label in (("recall", "recall"), ("diversity_ratio", "within-prompt diversity")):
+                value = _ratio(r1[metric], tf1[metric])
+                out.append({"target": f"{rival} 1-NFE {label} < TwinFlow 1-NFE", "value": value, "bound": 1.0,
+                            "holds": value is not None and value < 1.0})
     return out
 
 

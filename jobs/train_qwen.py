@@ -11,6 +11,7 @@ a ready-to-load TwinFlowQwenImagePipeline folder, and the digits probe's table o
     python jobs/train_qwen.py --preset digits-full                             # full-parameter
     python jobs/train_qwen.py --set run.max_steps=200 --set run.name=quick     # shorter
     python jobs/train_qwen.py --set method=meanflow --set run.name=digits-meanflow   # a rival (or method=scm)
+    python jobs/train_qwen.py --set method=dmd2 --set run.name=digits-dmd2           # DMD2 (or vsd): LoRA = one base
     python jobs/train_qwen.py --preset tiny                                    # random tiny model: plumbing
     python jobs/train_qwen.py --dry-run                                        # config + batch plan
 

@@ -70,3 +70,53 @@ def test_full_form_dmd_holds_two_more_copies_and_lora_form_one_more_adapter():
     # LoRA: the fake adapter's two moments, a small share of the one base.
     assert 3.5 < sizes["full"] <= 4.0, sizes
     assert sizes["lora"] < 0.5, sizes
+
+
+def test_fake_adapter_training_trains_the_fake_adapter_alone_and_restores_every_flag():
+    """Under DeepSpeed the fake score's backward runs outside the engine: inside ``fake_adapter_training``
+    no student weight (adapter or E2) may receive a gradient, and every flag comes back afterwards."""
+    from twinflow.models.lora import add_fake_adapter, fake_adapter_training
+
+    rig = build_rig(tiny())
+    tr = rig.transformer
+    fake_params = add_fake_adapter(tr)
+    before = {n: p.requires_grad for n, p in tr.named_parameters()}
+    assert not any(p.requires_grad for p in fake_params) and any(before.values())
+    b = rig.latents.shape[0]
+    t = torch.full((b,), 0.4)
+    with fake_adapter_training(tr):
+        trainable = {n for n, p in tr.named_parameters() if p.requires_grad}
+        assert trainable == {n for n, p in tr.named_parameters() if ".fake." in n and "lora_" in n}
+        rig.velocity(rig.latents, t, t, rig.cond).float().pow(2).mean().backward()
+    assert {n: p.requires_grad for n, p in tr.named_parameters()} == before
+    got = {n.replace(".fake.", ".") for n, p in tr.named_parameters() if ".fake." in n and p.grad is not None}
+    assert got and all(p.grad is None for n, p in tr.named_parameters() if ".fake." not in n)
+    # the fake adapter gets a gradient wherever the student's does in its own step (the last block's text
+    # stream feeds nothing, so neither adapter's layers there do)
+    rig.velocity(rig.latents, t, t, rig.cond).float().pow(2).mean().backward()
+    assert got == {n.replace(".default.", ".") for n, p in tr.named_parameters() if ".default." in n and p.grad is not None}
+
+
+def test_the_fake_score_state_survives_a_checkpoint_round_trip(tmp_path):
+    """train/fake_score.py's state (LoRA fake adapter + its AdamW) through train/state.py's JSON + safetensors
+    files: reloading it undoes later fake steps exactly, optimizer step counts included."""
+    import dataclasses
+
+    from twinflow.train.config import TrainConfig
+    from twinflow.train.fake_score import FakeScore
+    from twinflow.train.state import TrainState, read_shared_state, write_shared_state
+
+    rig = build_rig(tiny())
+    cfg = TrainConfig(method="dmd2")
+    cfg = dataclasses.replace(cfg, dmd2=dataclasses.replace(cfg.dmd2, fake_updates=2))
+    fake = FakeScore(cfg, rig.velocity.inner, model_path="unused in LoRA mode", world=1)
+    fake.objective(rig.velocity, rig.latents, rig.cond, generator=rig.generator)
+    write_shared_state(tmp_path, TrainState(step=1), None, 1, "step_00000001", {}, fake.state_dict())
+    saved = {n: p.detach().clone() for n, p in zip(fake.names, fake.params)}
+    fake.objective(rig.velocity, rig.latents, rig.cond, generator=rig.generator)  # two more fake steps
+    assert max((p - saved[n]).abs().max().item() for n, p in zip(fake.names, fake.params)) > 0
+
+    fake.load_state_dict(read_shared_state(tmp_path)["fake_score"])
+    assert all(torch.equal(p, saved[n]) for n, p in zip(fake.names, fake.params))
+    steps = {float(s["step"]) for s in fake.optimizer.state.values()}
+    assert steps == {2.0}  # the AdamW state of the checkpoint (2 fake steps), not of the 4 taken since

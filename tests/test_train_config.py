@@ -103,6 +103,24 @@ def test_cross_section_rules():
     assert sorted(PRESETS) == ["digits", "digits-full", "qwen-image-full-zero3", "qwen-image-lora", "tiny"]
 
 
+def test_dmd_methods_read_their_own_sections_and_refuse_zero3():
+    """method: dmd2 / vsd pick the section of that name (VSD's weighting and one fake step by default);
+    ZeRO-3 and a section renamed to the other method are one-line errors naming the field."""
+    def resolved(*sets):
+        return build(TrainConfig, tiny(), overrides=list(sets))
+
+    cfg = resolved("method=vsd")
+    assert (cfg.objective_config.weighting, cfg.objective_config.fake_updates) == ("vsd", 1)
+    cfg = resolved("method=dmd2", "dmd2.fake_updates=3")
+    assert (cfg.objective_config.weighting, cfg.objective_config.fake_updates) == ("dmd", 3)
+    with pytest.raises(ConfigError, match=r"^deepspeed\.zero_stage: method dmd2 keeps its fake score outside"):
+        resolved("method=dmd2", "deepspeed.zero_stage=3", "twinflow.teacher=self", "model.ema=false")
+    with pytest.raises(ConfigError, match=r"^vsd\.name: the vsd section trains vsd"):
+        resolved("method=vsd", "vsd.name=dmd2")
+    with pytest.raises(ConfigError, match=r"^dmd2\.fake_updates: must be >= 1"):
+        resolved("method=dmd2", "dmd2.fake_updates=0")
+
+
 # ---------------------------------------------------------------------------
 # batch plan and LR schedule
 # ---------------------------------------------------------------------------

@@ -102,6 +102,46 @@ def test_meanflow_trains_through_the_real_job(ray_local, tiny_qwen_image, tmp_pa
         assert r["loss/total"] == pytest.approx(r["loss/meanflow"], rel=1e-4)
 
 
+def test_dmd2_lora_trains_its_fake_adapter_beside_deepspeed_and_resumes_it(ray_local, tiny_qwen_image,
+                                                                           tmp_path_factory, tmp_path):
+    """DMD2 through the same job, LoRA form: the student is DeepSpeed's adapter, the fake score a second
+    adapter trained by its own AdamW with gradients all-reduced by hand (train/fake_score.py). A run stopped
+    at step 2 and resubmitted restores the fake score with its optimizer: its AdamW has counted every fake
+    step of all 4 student steps (5 per micro-batch × 2 micro-batches × 4), not only those since the resume."""
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    from twinflow.train.trainer import run_training
+
+    root = tmp_path_factory.getbasetemp()
+    cfg = tiny_config(tiny_qwen_image, digits_dir(root), str(tmp_path / "runs"), "dmd2", sample={"enabled": False},
+                      run={"max_steps": 4, "checkpoint_every": 2, "stop_at_step": 2})
+    cfg = dataclasses.replace(cfg, method="dmd2")
+    first = run_training(cfg)
+    assert (first.summary["step"], first.summary["stop_reason"]) == (2, "stop_at_step")
+    again = run_training(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, stop_at_step=None)))
+    s = again.summary
+    assert (s["step"], s["stop_reason"], s["resumed_from"]) == (4, "done", [2])
+
+    run = tmp_path / "runs" / "dmd2"
+    state = {}
+    for step in (2, 4):
+        d = run / f"checkpoint_step_{step:08d}" / "twinflow"
+        state[step] = (json.loads((d / "shared.json").read_text()), load_file(str(d / "fake_score.safetensors")))
+    shared, tensors = state[4]
+    fake_steps = {float(v) for k, v in tensors.items() if k.startswith("optimizer/state/") and k.endswith("/step")}
+    assert fake_steps == {5 * 2 * 4}
+    # the fake adapter kept training after the resume
+    weights = {k: v for k, v in tensors.items() if k.startswith("weights/")}
+    assert weights and max((v - state[2][1][k]).abs().max().item() for k, v in weights.items()) > 0
+    for r in shared["state"]["history"]:
+        assert r["loss/dm"] > 0 and r["loss/fake_score"] > 0 and r["grad_norm"] > 0 and r["fake_skipped"] == 0
+        assert r.get("loss/near_diag") is None  # DMD's rows, not TwinFlow's blocks
+    lora = load_file(str(run / "final" / "lora" / "adapter.safetensors"))
+    assert not any(".fake." in k for k in lora)  # the export carries the student only
+
+
 def test_a_shard_over_the_bad_share_limit_stops_the_run_in_one_line_without_retries(ray_local, tiny_qwen_image,
                                                                                       tmp_path):
     """Bad data is deterministic: the ranks agree on it and return, the driver raises RunInputError

@@ -105,17 +105,25 @@ class DMDObjective:
     teacher velocity. ``fake_context`` (optional) is entered around each fake step's forward, backward
     and optimizer step — a LoRA model makes its "fake" adapter the active, trainable one there, so
     gradient checkpointing recomputes with it — and ``fake_eval`` (default ``fake``) scores student samples
-    without gradient. The student loss is returned for the trainer to backpropagate and step.
+    without gradient. ``reduce_grads`` (optional) averages the fake score's gradients over data-parallel
+    ranks between its backward and its step (a trainer whose fake score is outside DDP / DeepSpeed); a
+    fake step whose gradients are not finite afterwards is skipped (on every rank alike: the check follows
+    the reduction) and counted in the ``fake_skipped`` stat. The student loss is returned for the trainer
+    to backpropagate and step.
     """
 
     def __init__(self, cfg: DMDConfig, real: VelocityFn, fake: VelocityFn, fake_opt: torch.optim.Optimizer,
                  fake_params: list[nn.Parameter] | None = None, grad_clip: float | None = 1.0,
-                 fake_context: Callable[[], ContextManager] | None = None, fake_eval: VelocityFn | None = None):
+                 fake_context: Callable[[], ContextManager] | None = None, fake_eval: VelocityFn | None = None,
+                 reduce_grads: Callable[[list[nn.Parameter]], None] | None = None):
         self.cfg, self.real, self.fake, self.fake_opt = cfg, real, fake, fake_opt
         self.fake_params = fake_params if fake_params is not None else list(fake.parameters())
         self.grad_clip = grad_clip
         self.fake_context = fake_context or contextlib.nullcontext
         self.fake_eval = fake_eval or fake
+        self.reduce_grads = reduce_grads
+        self.fake_skipped = 0
+        """Fake-score steps skipped for non-finite gradients since the objective was built."""
 
     def fake_step(self, student: VelocityFn, like: torch.Tensor, cond: Any, generator: torch.Generator | None,
                   rows: int) -> torch.Tensor:
@@ -131,9 +139,15 @@ class DMDObjective:
             loss = per_row.sum() / rows
             self.fake_opt.zero_grad(set_to_none=True)
             loss.backward()
-            if self.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.fake_params, self.grad_clip)
-            self.fake_opt.step()
+            if self.reduce_grads is not None:
+                self.reduce_grads(self.fake_params)
+            grads = [p.grad for p in self.fake_params if p.grad is not None]
+            if grads and not bool(torch.isfinite(torch.stack([g.float().norm() for g in grads])).all()):
+                self.fake_skipped += 1  # NaN / inf gradients: keep the fake score as it was
+            else:
+                if self.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(self.fake_params, self.grad_clip)
+                self.fake_opt.step()
             self.fake_opt.zero_grad(set_to_none=True)
         return per_row.detach().mean()
 
@@ -146,8 +160,10 @@ class DMDObjective:
         if cfg.guidance > 1 and uncond is None:
             raise ValueError("dmd.guidance > 1 needs the unconditional condition (uncond)")
         stats: dict = {}
+        skipped_before = self.fake_skipped
         fake_losses = [self.fake_step(raw, x, cond, generator, rows) for _ in range(cfg.fake_updates)]
         add_stat(stats, "loss/fake_score", torch.stack(fake_losses).sum(), len(fake_losses))
+        add_stat(stats, "fake_skipped", torch.tensor(float(self.fake_skipped - skipped_before)), 1)
 
         z = randn_like(x.float(), generator)
         g = one_step(model, z.to(x.dtype), cond)

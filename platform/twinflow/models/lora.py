@@ -48,6 +48,8 @@ QWEN_IMAGE_LORA_TARGETS: tuple[str, ...] = (
 )
 DEFAULT_ADAPTER = "default"
 EMA_ADAPTER = "ema"
+FAKE_ADAPTER = "fake"
+"""DMD2 / VSD's fake score in LoRA mode: a second trained adapter on the one base (method/dmd.py)."""
 _E2 = "time_text_embed_2"
 
 
@@ -188,6 +190,37 @@ def active_adapter(transformer: nn.Module, name: str | None):
             for m, names, disabled in previous:
                 m.set_adapter(names)
                 m.enable_adapters(not disabled)
+
+
+class AdapterVelocity(nn.Module):
+    """A velocity evaluated with one LoRA adapter active (None: the base, every adapter off)."""
+
+    def __init__(self, velocity: nn.Module, transformer: nn.Module, adapter: str | None):
+        super().__init__()
+        self.velocity, self.adapter = velocity, adapter
+        self._transformer = [transformer]  # not a submodule: the velocity already holds it
+
+    def forward(self, x, t, r, cond):
+        with active_adapter(self._transformer[0], self.adapter):
+            return self.velocity(x, t, r, cond)
+
+
+def add_fake_adapter(transformer: nn.Module) -> list[nn.Parameter]:
+    """DMD2 / VSD in LoRA mode: the "fake" adapter, a frozen copy of the student's (trained only inside
+    ``fake_adapter_training``); returns its LoRA parameters."""
+    if FAKE_ADAPTER not in getattr(transformer, "peft_config", {}):
+        add_ema_adapter(transformer, name=FAKE_ADAPTER)
+    return [p for n, p in transformer.named_parameters() if f".{FAKE_ADAPTER}." in n and "lora_" in n]
+
+
+@contextlib.contextmanager
+def fake_adapter_training(transformer: nn.Module):
+    """The fake adapter active and the *only* trainable weights inside the block (the student's adapter and
+    E2 frozen), so a backward there touches no student gradient, nor any hook DeepSpeed put on one."""
+    with active_adapter(transformer, FAKE_ADAPTER):
+        for n, p in transformer.named_parameters():
+            p.requires_grad_(f".{FAKE_ADAPTER}." in n and "lora_" in n)
+        yield
 
 
 # ---------------------------------------------------------------------------

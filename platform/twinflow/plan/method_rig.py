@@ -22,39 +22,19 @@ from torch import nn
 from twinflow.method.config import TwinFlowConfig
 from twinflow.method.dmd import DMDConfig, DMDObjective
 from twinflow.method.objectives import MethodConfig, single_network_objective
+from twinflow.models.lora import FAKE_ADAPTER, AdapterVelocity, add_fake_adapter, fake_adapter_training
 from twinflow.plan.calibrate import Rig
 from twinflow.plan.measure import StepResult, objective_step, tensor_bytes
-
-FAKE_ADAPTER = "fake"
-
-
-class AdapterVelocity(nn.Module):
-    """A velocity evaluated with one LoRA adapter active (None: the base, every adapter off)."""
-
-    def __init__(self, velocity: nn.Module, transformer: nn.Module, adapter: str | None):
-        super().__init__()
-        self.velocity, self.adapter = velocity, adapter
-        self._transformer = [transformer]  # not a submodule: the velocity already holds it
-
-    def forward(self, x, t, r, cond):
-        from twinflow.models.lora import active_adapter
-
-        with active_adapter(self._transformer[0], self.adapter):
-            return self.velocity(x, t, r, cond)
 
 
 def lora_dmd(cfg: DMDConfig, velocity: nn.Module, transformer: nn.Module, lr: float) -> tuple[DMDObjective, list]:
     """DMD2 / VSD on one LoRA base: adds the "fake" adapter (a copy of the student's) and returns the
     objective and the fake score's parameters."""
-    from twinflow.models.lora import active_adapter, add_ema_adapter
-
-    if FAKE_ADAPTER not in getattr(transformer, "peft_config", {}):
-        add_ema_adapter(transformer, name=FAKE_ADAPTER)  # copied from the student, frozen until active
-    params = [p for n, p in transformer.named_parameters() if f".{FAKE_ADAPTER}." in n and "lora_" in n]
+    params = add_fake_adapter(transformer)  # copied from the student, frozen until active
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0, foreach=True)
     objective = DMDObjective(cfg, real=AdapterVelocity(velocity, transformer, None), fake=velocity, fake_opt=opt,
                              fake_params=params, grad_clip=None,
-                             fake_context=partial(active_adapter, transformer, FAKE_ADAPTER),
+                             fake_context=partial(fake_adapter_training, transformer),
                              fake_eval=AdapterVelocity(velocity, transformer, FAKE_ADAPTER))
     return objective, params
 

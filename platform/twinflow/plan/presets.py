@@ -73,7 +73,8 @@ def plan_inputs_from_values(model: QwenImageModelConfig, twinflow_cfg: TwinFlowC
                             resolution: int | tuple[int, int] = 512, text_tokens: int = 256,
                             gpu: str = "h100", gpu_memory_gib: float | None = None, margin: float = 0.10,
                             text_encoder_resident: bool = False, vae_resident: bool = False,
-                            architecture: dict[str, Any] | None = None, **buffers: int) -> PlanInputs:
+                            architecture: dict[str, Any] | None = None, method: str = "twinflow",
+                            **buffers: int) -> PlanInputs:
     """PlanInputs from plain values (``resolution``: a square side or (height, width) in pixels;
     ``buffers``: CommBuffers fields such as reduce_bucket_size)."""
     from twinflow.plan.inputs import CommBuffers
@@ -84,7 +85,7 @@ def plan_inputs_from_values(model: QwenImageModelConfig, twinflow_cfg: TwinFlowC
                         offload_params=offload_params, micro_batch=micro_batch, grad_accum=grad_accum,
                         height=int(height), width=int(width), text_tokens=text_tokens, gpu=gpu,
                         gpu_memory_gib=gpu_memory_gib, margin=margin, text_encoder_resident=text_encoder_resident,
-                        vae_resident=vae_resident, buffers=CommBuffers(**buffers))
+                        vae_resident=vae_resident, buffers=CommBuffers(**buffers), method=method)
     inputs.validate()
     return inputs
 

@@ -32,6 +32,7 @@ from twinflow.config.errors import ConfigError, require
 from twinflow.data.config import DatasetConfig
 from twinflow.method.blocks import BatchLayout, BlockWeights, block_counts
 from twinflow.method.config import TwinFlowConfig
+from twinflow.method.dmd import DMDConfig, dmd2, vsd
 from twinflow.method.meanflow import MeanFlowConfig, SCMConfig
 from twinflow.models.config import QwenImageModelConfig
 from twinflow.ray_resources import TRAIN
@@ -301,13 +302,16 @@ class TrainConfig:
     model: QwenImageModelConfig = field(default_factory=QwenImageModelConfig)
     data: DatasetConfig = field(default_factory=DatasetConfig)
     encode: EncodeSettings = field(default_factory=EncodeSettings)
-    method: Literal["twinflow", "meanflow", "scm"] = "twinflow"
+    method: Literal["twinflow", "meanflow", "scm", "dmd2", "vsd"] = "twinflow"
     """The objective trained: ``twinflow`` (the section below; its fm / rcgm presets included) or one of
-    the paper's JVP-free rivals, configured by the ``meanflow`` / ``scm`` sections (method/meanflow.py).
-    DMD2 / VSD (a fake score beside the model) run in the study (small_scale_study.py --methods), not here yet."""
+    the paper's rivals, each configured by the section of its name: the JVP-free ``meanflow`` / ``scm``
+    (method/meanflow.py), and ``dmd2`` / ``vsd``, which train a fake score beside the model (method/dmd.py,
+    train/fake_score.py: LoRA mode keeps one base with a "fake" adapter, full mode a trained and a frozen copy)."""
     twinflow: TwinFlowConfig = field(default_factory=TwinFlowConfig)
     meanflow: MeanFlowConfig = field(default_factory=MeanFlowConfig)
     scm: SCMConfig = field(default_factory=SCMConfig)
+    dmd2: DMDConfig = field(default_factory=dmd2)
+    vsd: DMDConfig = field(default_factory=vsd)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
     scaling: ScalingSettings = field(default_factory=ScalingSettings)
@@ -332,7 +336,7 @@ class TrainConfig:
         return "bf16" if self.scaling.use_gpu else "fp32"
 
     @property
-    def objective_config(self) -> TwinFlowConfig | MeanFlowConfig | SCMConfig:
+    def objective_config(self) -> TwinFlowConfig | MeanFlowConfig | SCMConfig | DMDConfig:
         return getattr(self, self.method)
 
     def block_weights(self) -> BlockWeights:
@@ -358,6 +362,16 @@ class TrainConfig:
         if self.model.ema:
             require(tf.teacher == "ema", "model.ema", f"the 'ema' adapter is only used by twinflow.teacher: ema "
                                                       f"(teacher is {tf.teacher}); set model.ema: false")
+        if self.method in ("dmd2", "vsd"):
+            dmd = self.objective_config
+            require(dmd.name == self.method, f"{self.method}.name",
+                    f"the {self.method} section trains {self.method}; leave its name as {self.method!r} (got "
+                    f"{dmd.name!r}; for the other weighting use method: {dmd.name})")
+            # The fake score trains outside DeepSpeed (its own AdamW, gradients all-reduced by hand): it needs
+            # whole weights on every rank, which ZeRO-3 partitions away.
+            require(ds.zero_stage == 2, "deepspeed.zero_stage",
+                    f"method {self.method} keeps its fake score outside DeepSpeed and needs ZeRO-2 (got 3); "
+                    f"use zero_stage: 2 (LoRA mode holds one base, so its memory is close to TwinFlow's)")
         if ds.zero_stage == 3:
             # EMA / frozen teachers copy whole weights (a module copy, or an adapter the EMA update
             # reads in full); ZeRO-3 keeps only a partition per rank.

@@ -43,6 +43,7 @@ from twinflow.data.digits import digit_prompts
 from twinflow.data.sources import BadDataError
 from twinflow.files import FileProblem
 from twinflow.method.blocks import LossNorm, allocate_micro_batch
+from twinflow.method.dmd import DMDConfig
 from twinflow.method.objectives import single_network_objective
 from twinflow.method.sampler import few_step, ode
 from twinflow.models.qwen_encode import expand_condition
@@ -57,7 +58,8 @@ INPUT_ERRORS = (BadDataError, CheckpointError, FileProblem, DataStopped)
 """Errors that a restart cannot fix: reported to the user instead of retried."""
 
 STAT_KEYS = ("loss/total", "loss/one_step", "loss/near_diag", "loss/any_step", "loss/fake", "loss/rectify",
-             "dv_norm", "fake_norm", "loss/meanflow", "loss/scm", "tangent_norm", "loss/real_velocity")
+             "dv_norm", "fake_norm", "loss/meanflow", "loss/scm", "tangent_norm", "loss/real_velocity",
+             "loss/dm", "loss/fake_score", "loss/regression", "fake_skipped")
 _EXTRA = ("bad_loss", "skipped", "data_wait_s")  # appended after the (sum, count) pairs
 
 
@@ -129,7 +131,14 @@ class Worker:
         self.engine, self.velocity = build_engine(cfg, self.model_path, deepspeed_config(cfg))
         # Built before a checkpoint is restored: a frozen teacher must hold the *initial* weights.
         self.teacher = make_qwen_teacher(cfg.twinflow.teacher, self.velocity, cfg.twinflow.teacher_ema_decay)
-        self.objective = single_network_objective(cfg.objective_config)
+        self.fake_score = None
+        if isinstance(cfg.objective_config, DMDConfig):  # DMD2 / VSD: a fake score beside the engine
+            from twinflow.train.fake_score import FakeScore
+
+            self.fake_score = FakeScore(cfg, self.velocity, self.model_path, self.world)
+            self.objective = self.fake_score.objective
+        else:
+            self.objective = single_network_objective(cfg.objective_config)
         self.equalizer = (CallEqualizer(self.velocity, max_network_calls(cfg.objective_config))
                           if cfg.deepspeed.zero_stage == 3 else None)
         self.uncond = self._uncond()
@@ -180,6 +189,11 @@ class Worker:
             self.state.resumed_from.append(self.state.step)
             if shared["teacher"] is not None and hasattr(self.teacher, "load_state_dict"):
                 self.teacher.load_state_dict(shared["teacher"])
+            if self.fake_score is not None:
+                if shared["fake_score"] is None:
+                    raise RunStop(f"{checkpoint.path}: has no fake score, so it was not written by a "
+                                  f"{self.cfg.method} run; resume it with its own method or start a new run.name")
+                self.fake_score.load_state_dict(shared["fake_score"])
             restore_rng(*rng, self.generator)
             # Inside the block: no rank may leave (and delete a downloaded copy) while others read.
             if self.world > 1:
@@ -332,7 +346,8 @@ class Worker:
                     grid.save(png)
                     self.tracker.log_image(step, grid, str(png))
                 teacher_state = self.teacher.state_dict() if hasattr(self.teacher, "state_dict") else None
-                write_shared_state(tmp, self.state, teacher_state, self.world, tag, to_dict(self.cfg))
+                write_shared_state(tmp, self.state, teacher_state, self.world, tag, to_dict(self.cfg),
+                                   self.fake_score.state_dict() if self.fake_score is not None else None)
                 self.tracker.sync()
             self.faults.in_checkpoint(step)
             mark_complete(tmp, self.rank)

@@ -65,6 +65,9 @@ def plan_overrides(cfg: TrainConfig) -> dict[str, Any]:
         "text_encoder_resident": not cfg.data.is_cached,
         "vae_resident": (not cfg.data.is_cached) or cfg.sample.enabled,
     }
+    from twinflow.plan.compare import METHOD_MEMORY
+
+    out["method"] = METHOD_MEMORY[cfg.method]  # DMD2 / VSD plan their fake (and, full, real) score too
     named = architecture(cfg.model.path)
     if named is not None:  # named models (tiny, digits-base) are built on first use: plan from their recipe
         out["architecture"] = named

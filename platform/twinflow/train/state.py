@@ -9,6 +9,8 @@ ranks' files into one directory in storage):
                                        history, MLflow run id), world size, tag, config, the teacher's
                                        scalars
     twinflow/teacher.safetensors       rank 0: the teacher's tensors (EMA weights / EMA adapter)
+    twinflow/fake_score.safetensors    rank 0, DMD2 / VSD only: the fake score's weights and AdamW state
+                                       (train/fake_score.py; its scalars in shared.json)
     twinflow/rank_<r>.json             every rank: its RNG streams (python, numpy, torch, CUDA, the
     twinflow/rank_<r>.safetensors        objective's generator): scalars in JSON, state arrays here
     twinflow/complete_rank_<r>         every rank, written last: this rank's shard is whole
@@ -42,6 +44,7 @@ FINAL_DIR = "final"  # <run>/final: the end-of-run artefact (train/export.py)
 STATE_DIR = "twinflow"  # <checkpoint>/twinflow: our own state beside DeepSpeed's files
 SHARED_FILE = "shared.json"
 TEACHER_FILE = "teacher.safetensors"
+FAKE_SCORE_FILE = "fake_score.safetensors"
 LEGACY_SHARED_FILE = "shared.pt"
 SAMPLES_DIR = "samples"
 COMPLETE_PREFIX = "complete_rank_"
@@ -212,19 +215,21 @@ def write_rank_state(root: str | Path, rank: int, generator: torch.Generator | N
 
 
 def write_shared_state(root: str | Path, state: TrainState, teacher_state: dict | None, world_size: int,
-                       tag: str, config: dict) -> None:
+                       tag: str, config: dict, fake_score_state: dict | None = None) -> None:
     d = Path(root) / STATE_DIR
     d.mkdir(parents=True, exist_ok=True)
-    teacher, tensors = split_tensors(teacher_state) if teacher_state is not None else (None, {})
-    if tensors:
-        _save_tensors(tensors, d / TEACHER_FILE)
-    (d / SHARED_FILE).write_text(json.dumps({"state": state.to_dict(), "teacher": teacher, "world_size": world_size,
-                                             "tag": tag, "config": config}))
+    shared = {"state": state.to_dict(), "world_size": world_size, "tag": tag, "config": config}
+    for key, file, tree in (("teacher", TEACHER_FILE, teacher_state), ("fake_score", FAKE_SCORE_FILE, fake_score_state)):
+        scalars, tensors = split_tensors(tree) if tree is not None else (None, {})
+        if tensors:
+            _save_tensors(tensors, d / file)
+        shared[key] = scalars
+    (d / SHARED_FILE).write_text(json.dumps(shared))
 
 
 def read_shared_state(root: str | Path, load_teacher: bool = True) -> dict:
-    """``twinflow/shared.json`` (+ the teacher's tensors when ``load_teacher``); CheckpointError when
-    it is missing, unreadable or of the older pickle-based layout."""
+    """``twinflow/shared.json`` (+ the teacher's and fake score's tensors when ``load_teacher``);
+    CheckpointError when it is missing, unreadable or of the older pickle-based layout."""
     d = Path(root) / STATE_DIR
     if not (d / SHARED_FILE).is_file():
         if (d / LEGACY_SHARED_FILE).is_file():
@@ -236,12 +241,15 @@ def read_shared_state(root: str | Path, load_teacher: bool = True) -> dict:
     missing = [k for k in ("state", "world_size", "tag", "config") if not isinstance(shared, dict) or k not in shared]
     if missing:
         raise CheckpointError(f"{d / SHARED_FILE}: lacks {missing}; not written by jobs/train_qwen.py")
-    if shared.get("teacher") is not None and load_teacher:
-        tensors = _load_tensors(d / TEACHER_FILE) if (d / TEACHER_FILE).is_file() else {}
+    shared.setdefault("fake_score", None)
+    for key, file in (("teacher", TEACHER_FILE), ("fake_score", FAKE_SCORE_FILE)):
+        if shared.get(key) is None or not load_teacher:
+            continue
+        tensors = _load_tensors(d / file) if (d / file).is_file() else {}
         try:
-            shared["teacher"] = join_tensors(shared["teacher"], tensors)
+            shared[key] = join_tensors(shared[key], tensors)
         except KeyError as exc:
-            raise CheckpointError(f"{d / TEACHER_FILE}: lacks the teacher tensor {exc}; the checkpoint is "
+            raise CheckpointError(f"{d / file}: lacks the {key.replace('_', ' ')} tensor {exc}; the checkpoint is "
                                   f"incomplete") from None
     return shared
 

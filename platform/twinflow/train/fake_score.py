@@ -1,0 +1,105 @@
+"""DMD2 / VSD in a DeepSpeed run: the fake and real scores the Ray Train worker builds beside the engine.
+
+The engine (train/engine.py) trains the student exactly as it trains TwinFlow. What DMD adds lives here:
+  LoRA mode  one base. The student is the engine's "default" adapter; the fake score is a "fake" adapter
+             added *after* ``deepspeed.initialize`` (so ZeRO-2 never flattens or hooks it), a copy of the
+             student's (base output at the start); the real score is the base with every adapter off.
+  full mode  the paper's three copies: the fake score is a trained copy of the starting model, the real
+             score a frozen one, both loaded from the model folder like the student (identical on all ranks).
+The fake score trains with its own torch AdamW (lr = optim.lr × fake_lr_scale, constant; optim's betas,
+eps and weight decay; clipped at deepspeed.gradient_clipping), outside DeepSpeed: its gradients are
+averaged over the ranks by one all-reduce of a flat buffer, so every rank applies the same update and the
+fake score stays identical everywhere (a checkpoint needs rank 0's copy only).
+
+``fake_updates`` fake steps run per *micro-batch*, so with gradient accumulation the two-time-scale ratio is
+fake_updates × deepspeed.gradient_accumulation fake steps per student step.
+
+Checkpoints: ``state_dict()`` (the fake weights and its AdamW state) goes into twinflow/fake_score.* of
+every checkpoint (train/state.py); in LoRA mode DeepSpeed would not save it (the adapter is frozen outside
+its training block, and LoRA checkpoints exclude frozen weights).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+
+import torch
+from torch import nn
+
+from twinflow.method.dmd import DMDConfig, DMDObjective
+from twinflow.train.config import TrainConfig
+
+
+class FakeScore:
+    """The fake score of one rank: its parameters, optimizer, and the objective built around them."""
+
+    def __init__(self, cfg: TrainConfig, velocity: nn.Module, model_path: str, world: int):
+        from twinflow.models.lora import (FAKE_ADAPTER, AdapterVelocity, add_fake_adapter, fake_adapter_training,
+                                          is_lora)
+
+        method: DMDConfig = cfg.objective_config
+        self.world = world
+        transformer = velocity.transformer
+        if is_lora(transformer):
+            self.params = add_fake_adapter(transformer)
+            self.names = [n for n, p in transformer.named_parameters() if f".{FAKE_ADAPTER}." in n and "lora_" in n]
+            self._module = transformer
+            fake, fake_eval = velocity, AdapterVelocity(velocity, transformer, FAKE_ADAPTER)
+            real = AdapterVelocity(velocity, transformer, None)
+            context = partial(fake_adapter_training, transformer)
+        else:
+            from twinflow.models.qwen_loading import build_velocity_model
+
+            mcfg = dataclasses.replace(cfg.model, path=model_path)
+            fake = build_velocity_model(mcfg).to(next(velocity.parameters()).device)
+            real = build_velocity_model(mcfg).to(fake.transformer.device).requires_grad_(False).eval()
+            self.params = [p for p in fake.parameters() if p.requires_grad]
+            self.names = [n for n, p in fake.named_parameters() if p.requires_grad]
+            self._module = fake
+            fake_eval, context = fake, None
+            self.real_module = real  # held: the objective's real score
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(self.params, lr=o.lr * method.fake_lr_scale, betas=tuple(o.betas),
+                                           eps=o.eps, weight_decay=o.weight_decay)
+        clip = cfg.deepspeed.gradient_clipping or None
+        self.objective = DMDObjective(method, real=real, fake=fake, fake_opt=self.optimizer, fake_params=self.params,
+                                      grad_clip=clip, fake_context=context, fake_eval=fake_eval,
+                                      reduce_grads=self.average_grads if world > 1 else None)
+
+    def average_grads(self, params: list[nn.Parameter]) -> None:
+        """Mean of every rank's gradient, in place (one all-reduce; a missing gradient counts as zero)."""
+        import torch.distributed as dist
+
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for p, g in zip(params, grads):
+            n = g.numel()
+            p.grad = flat[offset:offset + n].view_as(g).to(g.dtype)
+            offset += n
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict:
+        opt = self.optimizer.state_dict()
+        return {"weights": {n: p.detach().cpu().clone() for n, p in zip(self.names, self.params)},
+                "optimizer": {"state": {str(k): v for k, v in opt["state"].items()},
+                              "param_groups": opt["param_groups"]},
+                "skipped": self.objective.fake_skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        weights = state["weights"]
+        missing = [n for n in self.names if n not in weights]
+        if missing:
+            raise KeyError(f"the checkpoint's fake score lacks {len(missing)} weights, e.g. {missing[0]}")
+        with torch.no_grad():
+            for n, p in zip(self.names, self.params):
+                p.copy_(weights[n].to(p.device, p.dtype))
+        opt = state["optimizer"]
+        # JSON turned the state's integer keys into strings; torch matches them to param_groups' ints.
+        self.optimizer.load_state_dict({"state": {int(k): v for k, v in opt["state"].items()},
+                                        "param_groups": opt["param_groups"]})
+        self.objective.fake_skipped = int(state.get("skipped", 0))
