@@ -120,3 +120,39 @@ def test_the_fake_score_state_survives_a_checkpoint_round_trip(tmp_path):
     assert all(torch.equal(p, saved[n]) for n, p in zip(fake.names, fake.params))
     steps = {float(s["step"]) for s in fake.optimizer.state.values()}
     assert steps == {2.0}  # the AdamW state of the checkpoint (2 fake steps), not of the 4 taken since
+
+
+def test_full_form_fake_score_trains_a_copy_beside_a_frozen_real_copy(tiny_qwen_image):
+    """train/fake_score.py, full mode: the fake and real scores are two more whole models loaded like the
+    student; a DMD2 step trains the fake copy only (by its own optimizer), the real copy stays the
+    pretrained weights, and the student is left for its trainer to step (its gradient is there)."""
+    import dataclasses
+
+    from twinflow.models.qwen_loading import build_velocity_model
+    from twinflow.train.config import TrainConfig
+    from twinflow.train.fake_score import FakeScore
+
+    cfg = TrainConfig(method="dmd2")
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(tiny_qwen_image), mode="full",
+                                                             ema=False, dtype="float32"),
+                              dmd2=dataclasses.replace(cfg.dmd2, fake_updates=2))
+    student = build_velocity_model(cfg.model)
+    fake = FakeScore(cfg, student, str(tiny_qwen_image), world=1)
+    real, fake_net = fake.real_module, fake._module
+    n_student = sum(p.numel() for p in student.parameters())
+    assert sum(p.numel() for p in real.parameters()) == sum(p.numel() for p in fake_net.parameters()) == n_student
+    assert not any(p.requires_grad for p in real.parameters())
+    start = {n: p.detach().clone() for n, p in student.named_parameters()}
+    assert all(torch.equal(p, start[n]) for n, p in fake_net.named_parameters())  # all three start equal
+
+    torch.manual_seed(0)
+    x = torch.randn(4, student.transformer.config.in_channels // 4, 8, 8)  # 2×2 packing: in_channels = 4C
+    cond = {"prompt_embeds": torch.randn(4, 6, student.transformer.config.joint_attention_dim),
+            "prompt_mask": torch.ones(4, 6, dtype=torch.long)}
+    out = fake.objective(student, x, cond, generator=torch.Generator().manual_seed(1))
+    out.loss.backward()
+    assert all(torch.equal(p, start[n]) for n, p in real.named_parameters())
+    assert max((p - start[n]).abs().max().item() for n, p in fake_net.named_parameters()) > 0
+    assert all(torch.equal(p, start[n]) for n, p in student.named_parameters())  # not stepped here ...
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())  # ... but has a grad
+    assert {float(s["step"]) for s in fake.optimizer.state.values()} == {2.0}
