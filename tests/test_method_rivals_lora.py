@@ -138,7 +138,7 @@ def test_full_form_fake_score_trains_a_copy_beside_a_frozen_real_copy(tiny_qwen_
                               dmd2=dataclasses.replace(cfg.dmd2, fake_updates=2))
     student = build_velocity_model(cfg.model)
     fake = FakeScore(cfg, student, str(tiny_qwen_image), world=1)
-    real, fake_net = fake.real_module, fake._module
+    real, fake_net = fake.real_module, fake.fake_module
     n_student = sum(p.numel() for p in student.parameters())
     assert sum(p.numel() for p in real.parameters()) == sum(p.numel() for p in fake_net.parameters()) == n_student
     assert not any(p.requires_grad for p in real.parameters())

@@ -142,12 +142,13 @@ class DMDObjective:
             if self.reduce_grads is not None:
                 self.reduce_grads(self.fake_params)
             grads = [p.grad for p in self.fake_params if p.grad is not None]
-            if grads and not bool(torch.isfinite(torch.stack([g.float().norm() for g in grads])).all()):
-                self.fake_skipped += 1  # NaN / inf gradients: keep the fake score as it was
-            else:
-                if self.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(self.fake_params, self.grad_clip)
+            # one total norm, from the clip when there is one (NaN / inf there: keep the fake score as it was)
+            norm = (torch.nn.utils.clip_grad_norm_(self.fake_params, self.grad_clip) if self.grad_clip
+                    else torch.nn.utils.get_total_norm(grads)) if grads else torch.zeros(())
+            if bool(torch.isfinite(norm)):
                 self.fake_opt.step()
+            else:
+                self.fake_skipped += 1
             self.fake_opt.zero_grad(set_to_none=True)
         return per_row.detach().mean()
 

@@ -205,12 +205,17 @@ class AdapterVelocity(nn.Module):
             return self.velocity(x, t, r, cond)
 
 
+def fake_adapter_parameters(transformer: nn.Module) -> dict[str, nn.Parameter]:
+    """The "fake" adapter's LoRA weights by name."""
+    return {n: p for n, p in transformer.named_parameters() if f".{FAKE_ADAPTER}." in n and "lora_" in n}
+
+
 def add_fake_adapter(transformer: nn.Module) -> list[nn.Parameter]:
     """DMD2 / VSD in LoRA mode: the "fake" adapter, a frozen copy of the student's (trained only inside
     ``fake_adapter_training``); returns its LoRA parameters."""
     if FAKE_ADAPTER not in getattr(transformer, "peft_config", {}):
         add_ema_adapter(transformer, name=FAKE_ADAPTER)
-    return [p for n, p in transformer.named_parameters() if f".{FAKE_ADAPTER}." in n and "lora_" in n]
+    return list(fake_adapter_parameters(transformer).values())
 
 
 @contextlib.contextmanager
@@ -218,8 +223,9 @@ def fake_adapter_training(transformer: nn.Module):
     """The fake adapter active and the *only* trainable weights inside the block (the student's adapter and
     E2 frozen), so a backward there touches no student gradient, nor any hook DeepSpeed put on one."""
     with active_adapter(transformer, FAKE_ADAPTER):
-        for n, p in transformer.named_parameters():
-            p.requires_grad_(f".{FAKE_ADAPTER}." in n and "lora_" in n)
+        fake = {id(p) for p in fake_adapter_parameters(transformer).values()}
+        for p in transformer.parameters():
+            p.requires_grad_(id(p) in fake)
         yield
 
 

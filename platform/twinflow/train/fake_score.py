@@ -35,16 +35,15 @@ class FakeScore:
     """The fake score of one rank: its parameters, optimizer, and the objective built around them."""
 
     def __init__(self, cfg: TrainConfig, velocity: nn.Module, model_path: str, world: int):
-        from twinflow.models.lora import (FAKE_ADAPTER, AdapterVelocity, add_fake_adapter, fake_adapter_training,
-                                          is_lora)
+        from twinflow.models.lora import (FAKE_ADAPTER, AdapterVelocity, add_fake_adapter, fake_adapter_parameters,
+                                          fake_adapter_training, is_lora)
 
         method: DMDConfig = cfg.objective_config
         self.world = world
         transformer = velocity.transformer
         if is_lora(transformer):
-            self.params = add_fake_adapter(transformer)
-            self.names = [n for n, p in transformer.named_parameters() if f".{FAKE_ADAPTER}." in n and "lora_" in n]
-            self._module = transformer
+            add_fake_adapter(transformer)
+            named = fake_adapter_parameters(transformer)
             fake, fake_eval = velocity, AdapterVelocity(velocity, transformer, FAKE_ADAPTER)
             real = AdapterVelocity(velocity, transformer, None)
             context = partial(fake_adapter_training, transformer)
@@ -54,11 +53,10 @@ class FakeScore:
             mcfg = dataclasses.replace(cfg.model, path=model_path)
             fake = build_velocity_model(mcfg).to(next(velocity.parameters()).device)
             real = build_velocity_model(mcfg).to(fake.transformer.device).requires_grad_(False).eval()
-            self.params = [p for p in fake.parameters() if p.requires_grad]
-            self.names = [n for n, p in fake.named_parameters() if p.requires_grad]
-            self._module = fake
+            named = {n: p for n, p in fake.named_parameters() if p.requires_grad}
             fake_eval, context = fake, None
-            self.real_module = real  # held: the objective's real score
+            self.fake_module, self.real_module = fake, real
+        self.names, self.params = list(named), list(named.values())
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(self.params, lr=o.lr * method.fake_lr_scale, betas=tuple(o.betas),
                                            eps=o.eps, weight_decay=o.weight_decay)

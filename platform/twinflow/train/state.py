@@ -45,6 +45,8 @@ STATE_DIR = "twinflow"  # <checkpoint>/twinflow: our own state beside DeepSpeed'
 SHARED_FILE = "shared.json"
 TEACHER_FILE = "teacher.safetensors"
 FAKE_SCORE_FILE = "fake_score.safetensors"
+_STATE_TENSOR_FILES = {"teacher": TEACHER_FILE, "fake_score": FAKE_SCORE_FILE}
+"""shared.json keys whose tensors live in their own safetensors file beside it."""
 LEGACY_SHARED_FILE = "shared.pt"
 SAMPLES_DIR = "samples"
 COMPLETE_PREFIX = "complete_rank_"
@@ -219,7 +221,8 @@ def write_shared_state(root: str | Path, state: TrainState, teacher_state: dict 
     d = Path(root) / STATE_DIR
     d.mkdir(parents=True, exist_ok=True)
     shared = {"state": state.to_dict(), "world_size": world_size, "tag": tag, "config": config}
-    for key, file, tree in (("teacher", TEACHER_FILE, teacher_state), ("fake_score", FAKE_SCORE_FILE, fake_score_state)):
+    for key, tree in (("teacher", teacher_state), ("fake_score", fake_score_state)):
+        file = _STATE_TENSOR_FILES[key]
         scalars, tensors = split_tensors(tree) if tree is not None else (None, {})
         if tensors:
             _save_tensors(tensors, d / file)
@@ -242,7 +245,7 @@ def read_shared_state(root: str | Path, load_teacher: bool = True) -> dict:
     if missing:
         raise CheckpointError(f"{d / SHARED_FILE}: lacks {missing}; not written by jobs/train_qwen.py")
     shared.setdefault("fake_score", None)
-    for key, file in (("teacher", TEACHER_FILE), ("fake_score", FAKE_SCORE_FILE)):
+    for key, file in _STATE_TENSOR_FILES.items():
         if shared.get(key) is None or not load_teacher:
             continue
         tensors = _load_tensors(d / file) if (d / file).is_file() else {}
