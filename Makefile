@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	DS_BUILD_OPS=0 $(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip check
+	@# The first deepspeed.init_distributed JIT-compiles DeepSpeed's CPU shared-memory comm op (~70 s
+	@# on 2 cores, cached under ~/.cache/torch_extensions): build it with the install, not in the first job.
+	-$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	touch $(STAMP)
 
 # The training job's no-argument default: tiny random-weight Qwen-Image, sklearn digits, 2 CPU workers
