@@ -26,6 +26,12 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TWINFLOW_CACHE", str(ROOT / ".pytest_cache" / "twinflow"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Ray Train's controller polls its workers every 2 s by default, so each state change (started, finished,
+# died) waits up to 2 s before anything reacts. The suite starts ~25 Train runs of a few seconds' work
+# each; polling at 0.5 s saves ~3.7 s per run (a 2-step tiny run, 3 repeats after a warm-up in one
+# process each: 24.7-25.8 s at the default, 20.0-22.5 s at 0.5).
+# Behaviour is the same; only the reaction time shrinks. Set before Ray starts: workers inherit it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """The training job on local storage: a full-parameter DeepSpeed ZeRO-3 run (weights partitioned over
-the two workers, consolidated at the end into a loadable transformer and pipeline), and NaN losses
-(skipped and counted on every rank; a streak stops the run with a message).
+the two workers, consolidated at the end into a loadable transformer and pipeline), NaN losses
+(skipped and counted on every rank; a streak stops the run with a message) in a MeanFlow run, DMD2 in
+LoRA form stopped and resumed, and a bad shard stopping the run.
 
 Real parts only: local Ray, Ray Train V2 TorchTrainer with 2 CPU workers, DeepSpeed over gloo, the
 tiny random-weight Qwen-Image, sklearn digits.
@@ -53,8 +54,13 @@ def test_zero3_full_parameter_run_partitions_weights_and_exports_them(ray_local,
     assert (run / "final" / "samples.png").is_file() and (run / "tensorboard").is_dir()
 
 
-def test_nan_losses_are_skipped_on_every_rank_and_a_streak_stops_the_run(ray_local, tiny_qwen_image, tmp_path_factory,
-                                                                         tmp_path):
+def test_nan_losses_are_skipped_on_every_rank_and_a_streak_stops_a_meanflow_run(ray_local, tiny_qwen_image,
+                                                                               tmp_path_factory, tmp_path):
+    """Also a rival through the same job (one run, two checks): the objective is MeanFlow (method:
+    meanflow, method/meanflow.py) on Ray Train, DeepSpeed ZeRO-2 LoRA, the same data and checkpoints. The
+    NaN guard lives in the training loop, so it must hold for any objective, not only TwinFlow's blocks."""
+    import dataclasses
+
     from twinflow.train.trainer import NonFiniteLossError, run_training
 
     root = tmp_path_factory.getbasetemp()
@@ -62,6 +68,7 @@ def test_nan_losses_are_skipped_on_every_rank_and_a_streak_stops_the_run(ray_loc
     cfg = tiny_config(tiny_qwen_image, digits_dir(root), str(tmp_path / "runs"), "nan", sample={"enabled": False},
                       run={"max_steps": 8, "checkpoint_every": 3, "nan_limit": 2},
                       debug={"nan_at_steps": [2, 4, 5], "nan_rank": 1})
+    cfg = dataclasses.replace(cfg, method="meanflow", meanflow=dataclasses.replace(cfg.meanflow, unequal_ratio=0.5))
     with pytest.raises(NonFiniteLossError, match=r"^training stopped at step 5: 2 steps in a row had non-finite "
                                                  r"losses \(run\.nan_limit=2; 3 skipped in all\)"):
         run_training(cfg)
@@ -76,27 +83,7 @@ def test_nan_losses_are_skipped_on_every_rank_and_a_streak_stops_the_run(ray_loc
     assert rows[1]["step_skipped"] == rows[3]["step_skipped"] == 0
     # Skipped means skipped everywhere: the LR schedule did not advance, the next step trained normally.
     assert rows[3]["lr"] == rows[2]["lr"] > rows[1]["lr"]
-    assert rows[3]["loss/total"] is not None and rows[3]["grad_norm"] > 0
-
-
-def test_meanflow_trains_through_the_real_job(ray_local, tiny_qwen_image, tmp_path_factory, tmp_path):
-    """A rival through the same job: Ray Train, DeepSpeed ZeRO-2 LoRA, the same data and checkpoints;
-    only the objective differs (method: meanflow, method/meanflow.py)."""
-    import dataclasses
-
-    from twinflow.train.trainer import run_training
-
-    root = tmp_path_factory.getbasetemp()
-    cfg = tiny_config(tiny_qwen_image, digits_dir(root), str(tmp_path / "runs"), "meanflow", sample={"enabled": False},
-                      run={"max_steps": 3, "checkpoint_every": 3})
-    cfg = dataclasses.replace(cfg, method="meanflow", meanflow=dataclasses.replace(cfg.meanflow, unequal_ratio=0.5))
-    outcome = run_training(cfg)
-    assert outcome.summary["stop_reason"] == "done"
-    shared = json.loads((tmp_path / "runs" / "meanflow" / "checkpoint_step_00000003" / "twinflow" / "shared.json")
-                        .read_text())
-    rows = shared["state"]["history"]
-    assert [r["step"] for r in rows] == [1, 2, 3]
-    for r in rows:
+    for r in (rows[1], rows[3]):
         # the MeanFlow loss, not TwinFlow's blocks, and a real update
         assert r["loss/meanflow"] > 0 and r["grad_norm"] > 0 and r.get("loss/fake") is None
         assert r["loss/total"] == pytest.approx(r["loss/meanflow"], rel=1e-4)
