@@ -3,6 +3,8 @@ and DMD2 / VSD (distribution matching on Gaussians whose velocity fields are kno
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -203,3 +205,65 @@ def test_the_meanflow_sampler_follows_the_exact_average_velocity_to_the_data(ste
     torch.testing.assert_close(out, x0.expand(64, 2), atol=1e-5, rtol=0)
     assert method_sampler("meanflow", steps) == mean_flow(steps)
     assert method_sampler("scm", steps) == few_step(steps) == method_sampler("twinflow", steps)
+
+
+@pytest.mark.parametrize("gan_weight", [1.0, 0.0], ids=["gan", "no-gan"])
+def test_the_gan_term_alone_carries_the_student_to_the_real_data(gan_weight):
+    """DMD2's GAN term by itself: the real score *is* the fake score, so the distribution-matching
+    gradient is exactly zero and only the GAN term can move the student. Real data N((1, 0), I) in the
+    batch, student N(θ, I) from θ = (−2, 0); the head on the fake network's last hidden state learns to
+    tell noised real rows from noised student rows, and the generator loss carries θ onto the data.
+    Without the GAN term nothing moves."""
+    from twinflow.method.dmd import Discriminator
+    from twinflow.models.toy import ToyMLP
+
+    torch.manual_seed(0)
+    mu = torch.tensor([1.0, 0.0])
+    student, fake = Shift([-2.0, 0.0]), ToyMLP(2, width=64, depth=2)
+    disc = Discriminator(fake)
+    params = list(fake.parameters()) + list(disc.parameters())
+    cfg = DMDConfig(gan_weight=gan_weight, gan_head_weight=1.0, fake_updates=2)
+    objective = DMDObjective(cfg, real=fake, fake=fake, fake_opt=torch.optim.Adam(params, lr=3e-3),
+                             fake_params=params, discriminator=disc)
+    opt = torch.optim.Adam(student.parameters(), lr=0.02)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(300):
+        out = objective(student, mu + torch.randn(256, 2, generator=g), None, generator=g)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    stats = out.means()
+    assert stats["loss/dm"] == 0.0
+    if gan_weight:
+        assert (student.theta.detach() - mu).abs().max() < 0.35, student.theta  # measured (0.96, 0.18)
+        # near equilibrium the head can no longer tell the two apart: its loss is close to 2·ln 2
+        assert abs(stats["loss/gan_head"] - 2 * math.log(2)) < 0.1 and stats["loss/gan"] > 0
+        # the student's backward reached neither the fake score nor the head (autograd.grad to x_t only)
+        assert all(p.grad is None for p in params)
+    else:
+        assert torch.equal(student.theta.detach(), torch.tensor([-2.0, 0.0]))
+        assert "loss/gan" not in stats and "loss/gan_head" not in stats
+
+
+def test_gan_settings_validate_and_need_a_head_on_a_named_output_layer():
+    from twinflow.method.dmd import Discriminator
+
+    with pytest.raises(ConfigError, match=r"^dmd.gan_weight: must be >= 0"):
+        DMDConfig(gan_weight=-1.0).validate()
+    with pytest.raises(ConfigError, match=r"^dmd.gan_head_weight: must be positive"):
+        DMDConfig(gan_head_weight=0.0).validate()
+    fake = Shift([0.0, 0.0])
+    opt = torch.optim.Adam(fake.parameters())
+    with pytest.raises(ValueError, match="needs a Discriminator"):
+        DMDObjective(DMDConfig(gan_weight=0.1), real=fake, fake=fake, fake_opt=opt)
+    with pytest.raises(ValueError, match=r"^dmd.gan_weight: .*Shift names no output_layer"):
+        Discriminator(fake)
+    from twinflow.models.toy import DigitsNet
+
+    net = DigitsNet(width=32, depth=1)
+    disc = Discriminator(net)
+    with pytest.raises(ValueError, match="must be among fake_params"):
+        DMDObjective(DMDConfig(gan_weight=0.1), real=net, fake=net, fake_opt=torch.optim.Adam(net.parameters()),
+                     discriminator=disc)
+    net(torch.zeros(3, 64), torch.ones(3), torch.ones(3), torch.zeros(3, dtype=torch.long))
+    assert disc.logits().shape == (3,)  # one logit per row, from the hidden state the last call saw

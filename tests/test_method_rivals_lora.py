@@ -3,6 +3,7 @@ adapter, the fake-score adapter and — adapters off — the real score; full fo
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from twinflow.method.dmd import dmd2
@@ -98,8 +99,9 @@ def test_fake_adapter_training_trains_the_fake_adapter_alone_and_restores_every_
 
 
 def test_the_fake_score_state_survives_a_checkpoint_round_trip(tmp_path):
-    """train/fake_score.py's state (LoRA fake adapter + its AdamW) through train/state.py's JSON + safetensors
-    files: reloading it undoes later fake steps exactly, optimizer step counts included."""
+    """train/fake_score.py's state (LoRA fake adapter, DMD2's GAN head on the transformer's last hidden
+    state, their AdamW) through train/state.py's JSON + safetensors files: reloading it undoes later fake
+    steps exactly, optimizer step counts included."""
     import dataclasses
 
     from twinflow.train.config import TrainConfig
@@ -108,9 +110,12 @@ def test_the_fake_score_state_survives_a_checkpoint_round_trip(tmp_path):
 
     rig = build_rig(tiny())
     cfg = TrainConfig(method="dmd2")
-    cfg = dataclasses.replace(cfg, dmd2=dataclasses.replace(cfg.dmd2, fake_updates=2))
+    cfg = dataclasses.replace(cfg, dmd2=dataclasses.replace(cfg.dmd2, fake_updates=2, gan_weight=5e-3))
     fake = FakeScore(cfg, rig.velocity.inner, model_path="unused in LoRA mode", world=1)
-    fake.objective(rig.velocity, rig.latents, rig.cond, generator=rig.generator)
+    head = [n for n in fake.names if n.startswith("gan_head.")]
+    assert head and len(fake.names) > len(head)  # the head trains beside the fake adapter
+    stats = fake.objective(rig.velocity, rig.latents, rig.cond, generator=rig.generator).means()
+    assert stats["loss/gan"] > 0 and stats["loss/gan_head"] > 0
     write_shared_state(tmp_path, TrainState(step=1), None, 1, "step_00000001", {}, fake.state_dict())
     saved = {n: p.detach().clone() for n, p in zip(fake.names, fake.params)}
     fake.objective(rig.velocity, rig.latents, rig.cond, generator=rig.generator)  # two more fake steps
@@ -122,7 +127,8 @@ def test_the_fake_score_state_survives_a_checkpoint_round_trip(tmp_path):
     assert steps == {2.0}  # the AdamW state of the checkpoint (2 fake steps), not of the 4 taken since
 
 
-def test_full_form_fake_score_trains_a_copy_beside_a_frozen_real_copy(tiny_qwen_image):
+@pytest.mark.parametrize("gan_weight", [0.0, 5e-3], ids=["dmd2", "dmd2-gan"])
+def test_full_form_fake_score_trains_a_copy_beside_a_frozen_real_copy(tiny_qwen_image, gan_weight):
     """train/fake_score.py, full mode: the fake and real scores are two more whole models loaded like the
     student; a DMD2 step trains the fake copy only (by its own optimizer), the real copy stays the
     pretrained weights, and the student is left for its trainer to step (its gradient is there)."""
@@ -135,7 +141,7 @@ def test_full_form_fake_score_trains_a_copy_beside_a_frozen_real_copy(tiny_qwen_
     cfg = TrainConfig(method="dmd2")
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(tiny_qwen_image), mode="full",
                                                              ema=False, dtype="float32"),
-                              dmd2=dataclasses.replace(cfg.dmd2, fake_updates=2))
+                              dmd2=dataclasses.replace(cfg.dmd2, fake_updates=2, gan_weight=gan_weight))
     student = build_velocity_model(cfg.model)
     fake = FakeScore(cfg, student, str(tiny_qwen_image), world=1)
     real, fake_net = fake.real_module, fake.fake_module
@@ -156,3 +162,6 @@ def test_full_form_fake_score_trains_a_copy_beside_a_frozen_real_copy(tiny_qwen_
     assert all(torch.equal(p, start[n]) for n, p in student.named_parameters())  # not stepped here ...
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())  # ... but has a grad
     assert {float(s["step"]) for s in fake.optimizer.state.values()} == {2.0}
+    if gan_weight:  # the head trained with the fake copy; the student's GAN pass left no gradient on either
+        assert "loss/gan" in out.means() and fake.discriminator is not None
+        assert all(p.grad is None for p in fake.params)

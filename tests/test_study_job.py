@@ -176,3 +176,15 @@ def _flat(d: dict, prefix: str) -> dict:
     for k, v in d.items():
         out.update(_flat(v, f"{prefix}.{k}") if isinstance(v, dict) else {f"{prefix}.{k}": v})
     return out
+
+
+def test_a_gan_head_under_ddp_is_refused_in_the_config():
+    """DDP averages the fake network's gradients, not those of DMD2's GAN head beside it."""
+    from twinflow.config.errors import ConfigError
+    from twinflow.config.tree import build
+    from twinflow.study.config import quick
+
+    sets = ["methods=[fm, dmd2]", "method.dmd2.gan_weight=0.005"]
+    build(type(quick()), quick(), overrides=sets).validate()  # parallel: runs (the default) trains it
+    with pytest.raises(ConfigError, match=r"^method.dmd2.gan_weight: the GAN head trains outside DDP"):
+        build(type(quick()), quick(), overrides=sets + ["parallel=data"]).validate()

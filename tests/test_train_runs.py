@@ -94,7 +94,9 @@ def test_dmd2_lora_trains_its_fake_adapter_beside_deepspeed_and_resumes_it(ray_l
     """DMD2 through the same job, LoRA form: the student is DeepSpeed's adapter, the fake score a second
     adapter trained by its own AdamW with gradients all-reduced by hand (train/fake_score.py). A run stopped
     at step 2 and resubmitted restores the fake score with its optimizer: its AdamW has counted every fake
-    step of all 4 student steps (5 per micro-batch × 2 micro-batches × 4), not only those since the resume."""
+    step of all 4 student steps (5 per micro-batch × 2 micro-batches × 4), not only those since the resume.
+    DMD2's GAN term is on (off by default): its head reads the transformer's last hidden state through the
+    fake adapter, trains and resumes with the fake score, and stays out of the exported student."""
     import dataclasses
 
     from safetensors.torch import load_file
@@ -104,7 +106,7 @@ def test_dmd2_lora_trains_its_fake_adapter_beside_deepspeed_and_resumes_it(ray_l
     root = tmp_path_factory.getbasetemp()
     cfg = tiny_config(tiny_qwen_image, digits_dir(root), str(tmp_path / "runs"), "dmd2", sample={"enabled": False},
                       run={"max_steps": 4, "checkpoint_every": 2, "stop_at_step": 2})
-    cfg = dataclasses.replace(cfg, method="dmd2")
+    cfg = dataclasses.replace(cfg, method="dmd2", dmd2=dataclasses.replace(cfg.dmd2, gan_weight=5e-3))
     first = run_training(cfg)
     assert (first.summary["step"], first.summary["stop_reason"]) == (2, "stop_at_step")
     again = run_training(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, stop_at_step=None)))
@@ -122,11 +124,14 @@ def test_dmd2_lora_trains_its_fake_adapter_beside_deepspeed_and_resumes_it(ray_l
     # the fake adapter kept training after the resume
     weights = {k: v for k, v in tensors.items() if k.startswith("weights/")}
     assert weights and max((v - state[2][1][k]).abs().max().item() for k, v in weights.items()) > 0
+    head = [k for k in weights if k.startswith("weights/gan_head.")]
+    assert head and max((weights[k] - state[2][1][k]).abs().max().item() for k in head) > 0  # the head too
     for r in shared["state"]["history"]:
         assert r["loss/dm"] > 0 and r["loss/fake_score"] > 0 and r["grad_norm"] > 0 and r["fake_skipped"] == 0
+        assert r["loss/gan"] > 0 and r["loss/gan_head"] > 0
         assert r.get("loss/near_diag") is None  # DMD's rows, not TwinFlow's blocks
     lora = load_file(str(run / "final" / "lora" / "adapter.safetensors"))
-    assert not any(".fake." in k for k in lora)  # the export carries the student only
+    assert not any(".fake." in k or "gan_head" in k for k in lora)  # the export carries the student only
 
 
 def test_a_shard_over_the_bad_share_limit_stops_the_run_in_one_line_without_retries(ray_local, tiny_qwen_image,

@@ -15,8 +15,13 @@ x_t = t·z' + (1 − t)·G(z):
 Both are (F_real − F_fake) with a positive per-row weight (t/mean|·| vs 1 − t): descending moves G(z)
 toward where the real field points and away from where the student's own field points. The loss is
 ½‖G(z) − sg(G(z) − ∇ₓ)‖², whose gradient in G(z) is ∇ₓ. Real-score CFG (``guidance``) and DMD2's
-optional regression onto teacher ODE samples (``regression_weight``, off by default) are included;
-the GAN head of DMD2 is not (off by default in DMD2's own recipe for this use, and TwinFlow has none).
+optional regression onto teacher ODE samples (``regression_weight``) are included, and so is DMD2's GAN
+term (``gan_weight``; both off by default, as in the DMD-distilled Qwen-Image-Lightning): a small
+classifier head (``Discriminator``) on the fake score's last hidden state — the input of its output
+layer, read by a forward pre-hook, so any velocity network that names its ``output_layer`` works — is
+trained in every fake step to tell noised real latents (the batch) from noised student samples
+(softplus losses, weight ``gan_head_weight``), and the student adds the non-saturating generator loss
+softplus(−D(x_t)) on its own noised samples, through the fake score with its weights held fixed.
 Memory: full mode holds student + fake + real (three copies); LoRA mode holds one base with a
 "student" and a "fake" adapter and gets the real score with the adapters disabled (models/lora.py).
 """
@@ -57,6 +62,11 @@ class DMDConfig:
     regression_weight: float = 0.0
     """Weight of ‖G(z) − ODE_real(z)‖² (DMD's regression loss; costs ``regression_steps`` teacher calls)."""
     regression_steps: int = 16
+    gan_weight: float = 0.0
+    """Weight of the student's non-saturating GAN loss (0: no GAN term, no head). DMD2's text-to-image runs
+    used 5e-3 with ``gan_head_weight`` 1e-2."""
+    gan_head_weight: float = 1e-2
+    """Weight of the head's classification loss in each fake-score step, beside the flow-matching loss."""
 
     def validate(self, path: str = "dmd") -> None:
         require(self.weighting in ("dmd", "vsd"), f"{path}.weighting", f"choose dmd or vsd, got {self.weighting!r}")
@@ -67,6 +77,8 @@ class DMDConfig:
         require(self.guidance >= 1, f"{path}.guidance", "must be >= 1 (1 = no guidance)")
         require(self.regression_weight >= 0, f"{path}.regression_weight", "must be >= 0")
         require(self.regression_steps >= 1, f"{path}.regression_steps", "must be >= 1")
+        require(self.gan_weight >= 0, f"{path}.gan_weight", "must be >= 0 (0 = no GAN term)")
+        require(self.gan_head_weight > 0, f"{path}.gan_head_weight", "must be positive")
 
 
 def dmd2() -> DMDConfig:
@@ -96,6 +108,51 @@ def matching_gradient(x: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, v_rea
     return (x_fake - x_real) / expand_time(scale, x)
 
 
+def output_layer(net: nn.Module) -> nn.Module:
+    """The layer that maps a velocity network's last hidden state to its output: ``net.output_layer``, or
+    that of the network it wraps (``.transformer``, DDP's ``.module``)."""
+    for candidate in (net, getattr(net, "transformer", None), getattr(net, "module", None)):
+        layer = getattr(candidate, "output_layer", None) if candidate is not None else None
+        if isinstance(layer, nn.Module):
+            return layer
+    raise ValueError(f"dmd.gan_weight: the GAN head reads the fake score's last hidden state, but "
+                     f"{type(net).__name__} names no output_layer; set gan_weight: 0 or give the model an "
+                     f"output_layer property")
+
+
+class Discriminator(nn.Module):
+    """DMD2's GAN classifier sharing the fake score's trunk: the input of the fake network's output layer
+    (captured by a forward pre-hook on every call of that network), mean-pooled over tokens, through
+    LayerNorm → Linear → SiLU → Linear to one logit per row. Only the head's weights are its parameters;
+    the fake score's own weights learn from the head's loss in the fake steps, as in DMD2."""
+
+    def __init__(self, fake_net: nn.Module):
+        super().__init__()
+        layer = output_layer(fake_net)
+        width = getattr(layer, "in_features", None)
+        if not isinstance(width, int):
+            raise ValueError(f"dmd.gan_weight: the fake score's output layer ({type(layer).__name__}) has no "
+                             f"in_features; the GAN head needs a linear output layer")
+        self.head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 1))
+        self.head.to(next(layer.parameters()).device)
+        self.__dict__["_hidden"] = None  # plain attributes: the hook and what it saw are not state
+        self.__dict__["_hook"] = layer.register_forward_pre_hook(self._capture)
+
+    def _capture(self, module: nn.Module, args: tuple) -> None:
+        self.__dict__["_hidden"] = args[0]
+
+    def logits(self) -> torch.Tensor:
+        """Logits of the rows the fake network saw in its last call (taken once)."""
+        h = self.__dict__["_hidden"]
+        if h is None:
+            raise RuntimeError("Discriminator.logits() needs a fake-score call first")
+        self.__dict__["_hidden"] = None
+        return self.head(h.float().reshape(h.shape[0], -1, h.shape[-1]).mean(1)).squeeze(1)
+
+    def remove(self) -> None:
+        self.__dict__["_hook"].remove()
+
+
 class DMDObjective:
     """One student step of DMD2 / VSD, the fake score's updates included.
 
@@ -108,16 +165,26 @@ class DMDObjective:
     without gradient. ``reduce_grads`` (optional) averages the fake score's gradients over data-parallel
     ranks between its backward and its step (a trainer whose fake score is outside DDP / DeepSpeed); a
     fake step whose gradients are not finite afterwards is skipped (on every rank alike: the check follows
-    the reduction) and counted in the ``fake_skipped`` stat. The student loss is returned for the trainer
-    to backpropagate and step.
+    the reduction) and counted in the ``fake_skipped`` stat. ``discriminator`` (needed when
+    ``gan_weight`` > 0) is a ``Discriminator`` on the fake network; its parameters must be among
+    ``fake_params`` (the fake optimizer trains them). The student loss is returned for the trainer to
+    backpropagate and step.
     """
 
     def __init__(self, cfg: DMDConfig, real: VelocityFn, fake: VelocityFn, fake_opt: torch.optim.Optimizer,
                  fake_params: list[nn.Parameter] | None = None, grad_clip: float | None = 1.0,
                  fake_context: Callable[[], ContextManager] | None = None, fake_eval: VelocityFn | None = None,
-                 reduce_grads: Callable[[list[nn.Parameter]], None] | None = None):
+                 reduce_grads: Callable[[list[nn.Parameter]], None] | None = None,
+                 discriminator: Discriminator | None = None):
         self.cfg, self.real, self.fake, self.fake_opt = cfg, real, fake, fake_opt
         self.fake_params = fake_params if fake_params is not None else list(fake.parameters())
+        if cfg.gan_weight > 0:
+            if discriminator is None:
+                raise ValueError("dmd.gan_weight > 0 needs a Discriminator on the fake network (the trainer builds it)")
+            owned = {id(p) for p in self.fake_params}
+            if any(id(p) not in owned for p in discriminator.parameters()):
+                raise ValueError("the Discriminator's parameters must be among fake_params (the fake optimizer's)")
+        self.discriminator = discriminator if cfg.gan_weight > 0 else None
         self.grad_clip = grad_clip
         self.fake_context = fake_context or contextlib.nullcontext
         self.fake_eval = fake_eval or fake
@@ -137,6 +204,17 @@ class DMDObjective:
         with self.fake_context():
             per_row = per_sample_mse(self.fake(x_t.to(like.dtype), t, t, cond).float(), v)
             loss = per_row.sum() / rows
+            if self.discriminator is not None:
+                # the head's classification: this call's noised student samples are fake, the batch's
+                # real latents noised to the same levels are real
+                fake_logits = self.discriminator.logits()
+                with torch.no_grad():
+                    real_t = interpolate(like.float(), randn_like(like.float(), generator), t).to(like.dtype)
+                self.fake(real_t, t, t, cond)
+                real_logits = self.discriminator.logits()
+                head = nn.functional.softplus(fake_logits) + nn.functional.softplus(-real_logits)
+                loss = loss + self.cfg.gan_head_weight * head.sum() / rows
+                self._head_losses.append(head.detach().mean())
             self.fake_opt.zero_grad(set_to_none=True)
             loss.backward()
             if self.reduce_grads is not None:
@@ -162,16 +240,20 @@ class DMDObjective:
             raise ValueError("dmd.guidance > 1 needs the unconditional condition (uncond)")
         stats: dict = {}
         skipped_before = self.fake_skipped
+        self._head_losses: list[torch.Tensor] = []
         fake_losses = [self.fake_step(raw, x, cond, generator, rows) for _ in range(cfg.fake_updates)]
         add_stat(stats, "loss/fake_score", torch.stack(fake_losses).sum(), len(fake_losses))
         add_stat(stats, "fake_skipped", torch.tensor(float(self.fake_skipped - skipped_before)), 1)
+        if self.discriminator is not None:
+            add_stat(stats, "loss/gan_head", torch.stack(self._head_losses).sum(), len(self._head_losses))
 
         z = randn_like(x.float(), generator)
         g = one_step(model, z.to(x.dtype), cond)
         with torch.no_grad():
             lo, hi = cfg.t_range
             t = lo + (hi - lo) * rand(n, generator, dev)
-            x_t = interpolate(g.detach(), randn_like(g, generator), t)
+            eps = randn_like(g, generator)
+            x_t = interpolate(g.detach(), eps, t)
             xt_in = x_t.to(x.dtype)
             v_real = self._real(xt_in, t, cond, uncond)
             v_fake = self.fake_eval(xt_in, t, t, cond).float()
@@ -185,8 +267,26 @@ class DMDObjective:
             reg = per_sample_mse(g, target)
             loss = loss + cfg.regression_weight * reg.sum() / rows
             add_stat(stats, "loss/regression", reg.detach().sum(), n)
+        if self.discriminator is not None:
+            gan, surrogate = self._generator_gan(g, eps, t, cond, x.dtype)
+            loss = loss + cfg.gan_weight * surrogate.sum() / rows
+            add_stat(stats, "loss/gan", gan.sum(), n)
         add_stat(stats, "loss/total", loss.detach())
         return ObjectiveOutput(loss=loss, stats=stats)
+
+    def _generator_gan(self, g: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, cond: Any,
+                       dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The generator's softplus(−D(x_t)) per row, and a per-row surrogate whose gradient in the student's
+        samples g is exactly that loss's: ∂/∂x_t is taken by ``autograd.grad`` with x_t the only input, so the
+        fake score and the head collect no gradient (and no flag changes under a checkpointed forward), then
+        chained through x_t = t·ε + (1 − t)·g like the matching gradient."""
+        x_t = interpolate(g.detach(), eps, t).to(dtype).requires_grad_(True)
+        with torch.enable_grad():
+            self.fake_eval(x_t, t, t, cond)
+            per_row = nn.functional.softplus(-self.discriminator.logits())
+            (grad,) = torch.autograd.grad(per_row.sum(), x_t)
+        surrogate = (grad.float() * interpolate(g, eps, t)).flatten(1).sum(1)
+        return per_row.detach(), surrogate - surrogate.detach() + per_row.detach()
 
     @torch.no_grad()
     def _real(self, x_t, t, cond, uncond) -> torch.Tensor:

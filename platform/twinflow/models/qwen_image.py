@@ -121,6 +121,12 @@ class TwinFlowQwenImageTransformer2DModel(QwenImageTransformer2DModel):
         finally:
             self.__dict__["_e2_override"] = previous
 
+    @property
+    def output_layer(self) -> nn.Module:
+        """The last projection (hidden state → patch velocities); its input, the last hidden state, is what
+        DMD2's GAN head reads (method/dmd.py Discriminator)."""
+        return self.proj_out
+
     def forward(self, *args, target_timestep: torch.Tensor | None = None, **kwargs):
         """diffusers' forward plus ``target_timestep`` r [B] (None: r = t, the pretrained model)."""
         t = kwargs.get("timestep", args[3] if len(args) > 3 else None)

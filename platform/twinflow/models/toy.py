@@ -47,6 +47,11 @@ class ToyMLP(nn.Module):
         layers.append(nn.Linear(width, data_dim))
         self.net = nn.Sequential(*layers)
 
+    @property
+    def output_layer(self) -> nn.Module:
+        """Last hidden state → velocity (its input is what DMD2's GAN head reads, method/dmd.py)."""
+        return self.net[-1]
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor, cond=None) -> torch.Tensor:
         feats = [x.float(), self.t_emb(t), self.r_emb(r)]
         if self.num_classes:
@@ -85,6 +90,11 @@ class DigitsNet(nn.Module):
         self.blocks = nn.ModuleList(_ResBlock(width, emb_dim) for _ in range(depth))
         self.out_norm = nn.LayerNorm(width)
         self.out = nn.Linear(width, data_dim)
+
+    @property
+    def output_layer(self) -> nn.Module:
+        """Last hidden state → velocity (its input is what DMD2's GAN head reads, method/dmd.py)."""
+        return self.out
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         emb = self.emb(torch.cat([self.t_emb(t), self.r_emb(r), self.label(cond)], dim=1))

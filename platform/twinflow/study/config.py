@@ -103,6 +103,11 @@ class StudyConfig:
                 s: TrainSettings = getattr(self, name)
                 require(s.batch_size % self.workers == 0, f"{name}.batch_size",
                         f"{s.batch_size} is not divisible by workers={self.workers} (parallel: data)")
+            for name in ("dmd2", "vsd"):
+                # DDP averages the fake network's gradients, not those of a GAN head beside it
+                require(not (name in self.methods and getattr(self.method, name).gan_weight > 0),
+                        f"method.{name}.gan_weight", "the GAN head trains outside DDP; use parallel: runs "
+                                                     "(or gan_weight: 0)")
         require(all(k >= 1 for k in self.eval.nfe), "eval.nfe", "every NFE must be >= 1")
         require(self.eval.seeds >= 1, "eval.seeds", "must be >= 1")
         require(self.train_seeds >= 1, "train_seeds", f"must be >= 1, got {self.train_seeds}")

@@ -18,7 +18,7 @@ from torch import nn
 from twinflow.config.errors import require
 from twinflow.method import (BatchLayout, BlockWeights, EmaWeights, FrozenTeacher, LossNorm, SelfTeacher,
                              TwinFlowConfig, allocate_micro_batch, fm, make_teacher)
-from twinflow.method.dmd import DMDConfig, DMDObjective
+from twinflow.method.dmd import DMDConfig, DMDObjective, Discriminator
 from twinflow.method.objectives import MethodConfig, needs_teacher_model, single_network_objective
 from twinflow.method.lr_schedule import cosine_factor, warmup_factor
 from twinflow.models.toy import DigitsNet, ToyMLP
@@ -114,10 +114,16 @@ def train_run(data: Digits | Mixture2D, method: MethodConfig, s: TrainSettings, 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, s))
     if isinstance(method, DMDConfig):
         fake_raw = copy.deepcopy(raw)
-        fake_opt = torch.optim.AdamW(fake_raw.parameters(), lr=s.lr * method.fake_lr_scale, betas=s.betas,
+        disc = None
+        if method.gan_weight > 0:
+            if world_size > 1:  # DDP would average the fake net's gradients but not the head's
+                raise ValueError("method.dmd2.gan_weight > 0 trains its GAN head outside DDP; use parallel: runs")
+            disc = Discriminator(fake_raw)
+        fake_params = list(fake_raw.parameters()) + (list(disc.parameters()) if disc else [])
+        fake_opt = torch.optim.AdamW(fake_params, lr=s.lr * method.fake_lr_scale, betas=s.betas,
                                      weight_decay=s.weight_decay)
-        objective = DMDObjective(method, teacher.velocity, wrap(fake_raw), fake_opt, list(fake_raw.parameters()),
-                                 s.grad_clip, fake_eval=fake_raw)
+        objective = DMDObjective(method, teacher.velocity, wrap(fake_raw), fake_opt, fake_params,
+                                 s.grad_clip, fake_eval=fake_raw, discriminator=disc)
     else:
         objective = single_network_objective(method)
     gen = torch.Generator().manual_seed(s.seed * 1000 + rank + 1)

@@ -14,6 +14,10 @@ fake score stays identical everywhere (a checkpoint needs rank 0's copy only).
 ``fake_updates`` fake steps run per *micro-batch*, so with gradient accumulation the two-time-scale ratio is
 fake_updates × deepspeed.gradient_accumulation fake steps per student step.
 
+With ``gan_weight`` > 0 DMD2's GAN head (method/dmd.py ``Discriminator``, on the fake network's last
+hidden state) is one more set of fake parameters: same optimizer, same all-reduce, same checkpoint
+(names ``gan_head.*``).
+
 Checkpoints: ``state_dict()`` (the fake weights and its AdamW state) goes into twinflow/fake_score.* of
 every checkpoint (train/state.py); in LoRA mode DeepSpeed would not save it (the adapter is frozen outside
 its training block, and LoRA checkpoints exclude frozen weights).
@@ -27,7 +31,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from twinflow.method.dmd import DMDConfig, DMDObjective
+from twinflow.method.dmd import DMDConfig, DMDObjective, Discriminator
 from twinflow.train.config import TrainConfig
 
 
@@ -56,6 +60,10 @@ class FakeScore:
             named = {n: p for n, p in fake.named_parameters() if p.requires_grad}
             fake_eval, context = fake, None
             self.fake_module, self.real_module = fake, real
+        self.discriminator = None
+        if method.gan_weight > 0:  # DMD2's GAN head: trained beside the fake score, saved with it
+            self.discriminator = Discriminator(fake)
+            named.update({f"gan_head.{n}": p for n, p in self.discriminator.named_parameters()})
         self.names, self.params = list(named), list(named.values())
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(self.params, lr=o.lr * method.fake_lr_scale, betas=tuple(o.betas),
@@ -63,7 +71,8 @@ class FakeScore:
         clip = cfg.deepspeed.gradient_clipping or None
         self.objective = DMDObjective(method, real=real, fake=fake, fake_opt=self.optimizer, fake_params=self.params,
                                       grad_clip=clip, fake_context=context, fake_eval=fake_eval,
-                                      reduce_grads=self.average_grads if world > 1 else None)
+                                      reduce_grads=self.average_grads if world > 1 else None,
+                                      discriminator=self.discriminator)
 
     def average_grads(self, params: list[nn.Parameter]) -> None:
         """Mean of every rank's gradient, in place (one all-reduce; a missing gradient counts as zero)."""
