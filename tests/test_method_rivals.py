@@ -267,3 +267,34 @@ def test_gan_settings_validate_and_need_a_head_on_a_named_output_layer():
                      discriminator=disc)
     net(torch.zeros(3, 64), torch.ones(3), torch.ones(3), torch.zeros(3, dtype=torch.long))
     assert disc.logits().shape == (3,)  # one logit per row, from the hidden state the last call saw
+
+
+def test_every_statistic_an_objective_returns_is_one_the_training_job_reduces_and_logs():
+    """train/loop.py all-reduces a fixed list of statistics (STAT_KEYS) and stops a run on any other, so
+    a new objective's statistic must be added there: check every objective here, the GAN term on."""
+    from twinflow.method.config import twinflow, twinflow_unbiased
+    from twinflow.method.dmd import Discriminator
+    from twinflow.method.meanflow import MeanFlowConfig, SCMConfig
+    from twinflow.method import BatchLayout, allocate_micro_batch
+    from twinflow.method.teacher import make_teacher
+    from twinflow.models.toy import ToyMLP
+    from twinflow.train.loop import STAT_KEYS
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 2, generator=g)
+    seen: set = set()
+    for cfg in (twinflow(), twinflow_unbiased(), MeanFlowConfig(), SCMConfig(tangent_warmup=0)):
+        net = ToyMLP(2, width=16, depth=1, num_classes=3)
+        objective = single_network_objective(cfg)
+        teacher = make_teacher("self", net)
+        ids = allocate_micro_batch(cfg.weights(), BatchLayout(16)) if hasattr(cfg, "weights") else None
+        labels = torch.randint(0, 3, (16,), generator=g)
+        seen |= set(objective(net, x, labels, ids, uncond=labels.flip(0), teacher=teacher, generator=g).stats)
+    fake = ToyMLP(2, width=16, depth=1)
+    disc = Discriminator(fake)
+    params = list(fake.parameters()) + list(disc.parameters())
+    dmd = DMDObjective(DMDConfig(gan_weight=0.1, regression_weight=0.1, regression_steps=2), real=fake, fake=fake,
+                       fake_opt=torch.optim.Adam(params), fake_params=params, discriminator=disc)
+    seen |= set(dmd(ToyMLP(2, width=16, depth=1), x, None, generator=g).stats)
+    assert {"loss/gan", "loss/gan_head", "loss/regression", "loss/meanflow", "loss/near_diag"} <= seen
+    assert seen <= set(STAT_KEYS), seen - set(STAT_KEYS)

@@ -32,3 +32,8 @@ def test_ratios_pair_seeds_and_remove_the_real_vs_real_floor():
     assert got["floor_corrected"] == pytest.approx(((0.07 / 0.02) + (0.07 / 0.04)) / 2)
     assert r["fm"]["nfe_100"]["ratio"] == pytest.approx(1.0) and r["fm"]["nfe_100"]["ratio_std"] == 0
     assert ratios_to_reference({"twinflow": tf}, {}, "sliced_w2") == {}  # no FM 100-NFE cell: no ratios
+    # a reference at or below the floor on any seed (digits' Fréchet floor is above good models): no
+    # floor-corrected figure at all, not a division by ~0 (the full digits study printed 5e12 before)
+    below = ratios_to_reference({"fm": fm, "twinflow": tf}, {"sliced_w2": 0.06}, "sliced_w2")["twinflow"]["nfe_1"]
+    assert below["floor_corrected"] is None and below["floor_corrected_std"] is None
+    assert below["ratio"] == pytest.approx(got["ratio"])

@@ -69,10 +69,16 @@ def _ratio_table(ds: str, ratios: dict) -> list[str]:
     lines = [f"{metric} relative to flow matching at 100 NFE ({how}; floor = real vs real):", "",
              "| method | NFE | ratio | floor-corrected |", "|---|---|---|---|"]
     cell = (lambda m, s: f"{m:.2f} ± {s:.2f}") if several else (lambda m, s: f"{m:.2f}")  # noqa: E731
+    uncorrectable = False
     for method, by_nfe in ratios.items():
         for key, r in by_nfe.items():
+            corrected = r["floor_corrected"]
+            uncorrectable |= corrected is None
             lines.append(f"| {method} | {key.removeprefix('nfe_')} | {cell(r['ratio'], r['ratio_std'])} | "
-                         f"{cell(r['floor_corrected'], r['floor_corrected_std'])} |")
+                         f"{'n/a' if corrected is None else cell(corrected, r['floor_corrected_std'])} |")
+    if uncorrectable:
+        lines += ["", "n/a: flow matching at 100 NFE is not above the real-vs-real floor on every training seed, "
+                      "so there is no distance above the floor to take a share of."]
     return lines + [""]
 
 

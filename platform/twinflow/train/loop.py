@@ -59,7 +59,10 @@ INPUT_ERRORS = (BadDataError, CheckpointError, FileProblem, DataStopped)
 
 STAT_KEYS = ("loss/total", "loss/one_step", "loss/near_diag", "loss/any_step", "loss/fake", "loss/rectify",
              "dv_norm", "fake_norm", "loss/meanflow", "loss/scm", "tangent_norm", "loss/real_velocity",
-             "loss/dm", "loss/fake_score", "loss/regression", "fake_skipped")
+             "loss/dm", "loss/fake_score", "loss/regression", "fake_skipped", "loss/gan", "loss/gan_head")
+"""Every statistic an objective may return, in the fixed order the ranks all-reduce them in; an objective's
+stat outside this list stops the run at its first step (it would otherwise never reach the logs)."""
+_STAT_SET = frozenset(STAT_KEYS)
 _EXTRA = ("bad_loss", "skipped", "data_wait_s")  # appended after the (sum, count) pairs
 
 
@@ -243,6 +246,10 @@ class Worker:
                 loss = loss * float("nan")  # NaN gradients: DeepSpeed's overflow check drops the step everywhere
             engine.backward(loss)
             engine.step()
+            unknown = set(out.stats) - _STAT_SET
+            if unknown:
+                raise RuntimeError(f"the objective returned statistics {sorted(unknown)} that train/loop.py "
+                                   f"STAT_KEYS does not list; add them there so every rank reduces and logs them")
             for i, key in enumerate(STAT_KEYS):
                 if key in out.stats:
                     s, c = out.stats[key]
