@@ -185,6 +185,7 @@ class DMDObjective:
             if any(id(p) not in owned for p in discriminator.parameters()):
                 raise ValueError("the Discriminator's parameters must be among fake_params (the fake optimizer's)")
         self.discriminator = discriminator if cfg.gan_weight > 0 else None
+        self._head_losses: list[torch.Tensor] = []  # the head's loss per fake step of the current student step
         self.grad_clip = grad_clip
         self.fake_context = fake_context or contextlib.nullcontext
         self.fake_eval = fake_eval or fake
@@ -240,7 +241,7 @@ class DMDObjective:
             raise ValueError("dmd.guidance > 1 needs the unconditional condition (uncond)")
         stats: dict = {}
         skipped_before = self.fake_skipped
-        self._head_losses: list[torch.Tensor] = []
+        self._head_losses = []
         fake_losses = [self.fake_step(raw, x, cond, generator, rows) for _ in range(cfg.fake_updates)]
         add_stat(stats, "loss/fake_score", torch.stack(fake_losses).sum(), len(fake_losses))
         add_stat(stats, "fake_skipped", torch.tensor(float(self.fake_skipped - skipped_before)), 1)
