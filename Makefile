@@ -27,8 +27,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) jobs/train_qwen.py
 
+# Two pytest processes side by side: the Ray tests in one (one Ray), the CPU-only tests beside them (tests/lanes.py).
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) tests/lanes.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -85,3 +85,13 @@ def s3_env(s3_server, monkeypatch):
     for key, value in s3_server.env().items():
         monkeypatch.setenv(key, value)
     return s3_server
+
+
+
+def pytest_itemcollected(item):
+    """Every test that starts or joins Ray carries the ``ray`` marker: ``make test`` runs the ``ray`` tests
+    in one pytest process (one Ray for all of them) and the others in a second process beside it
+    (tests/lanes.py), so an unmarked Ray test would start a second Ray cluster on the same cores."""
+    if "ray_local" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("ray"):
+        raise pytest.UsageError(f"{item.nodeid} uses ray_local but is not marked ray: add @pytest.mark.ray "
+                                "(or the module's pytestmark) so that it runs in the Ray lane")

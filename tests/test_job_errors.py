@@ -175,6 +175,7 @@ def _forget_cluster(port: int) -> None:
         record.unlink()
 
 
+@pytest.mark.ray
 def test_jobs_start_their_own_ray_instead_of_joining_a_running_cluster(tmp_path):
     """A cluster started with ``ray start`` (a stranger's) is left alone by default and joined with
     ``--address auto`` / RAY_ADDRESS."""
@@ -260,6 +261,7 @@ def test_truncated_files_are_one_line_naming_the_file(tmp_path, tiny_qwen_image,
     assert len(ex.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.ray
 def test_tiny_evaluate_completes_and_stage_errors_are_printed(tmp_path, benchmarks, ray_local, capsys):
     """The README's tiny command exits 0 (the tiny WISE judge answers in the judge's format); a stage
     that cannot run is printed with its reason and written to results.md, exit 3."""

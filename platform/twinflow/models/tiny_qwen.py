@@ -15,6 +15,7 @@ Building is deterministic: the same preset and seed give byte-identical weights.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -144,18 +145,26 @@ def cache_dir() -> Path:
 
 def build_once(target: Path, marker: str, build) -> Path:
     """``build(tmp)`` into a temp folder beside ``target``, renamed into place; skipped when
-    ``target/marker`` exists, so an interrupted build is never mistaken for a finished one."""
+    ``target/marker`` exists, so an interrupted build is never mistaken for a finished one.
+
+    Two processes asking for the same target (two jobs on one machine, two test workers) take turns on
+    a lock file beside it: the second waits and then finds the first one's finished folder, instead of
+    building it again and replacing the folder the first one is already reading."""
     if (target / marker).exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        build(tmp)
-        if target.exists():  # an interrupted build left it without its marker
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if (target / marker).exists():  # built by whoever held the lock before us
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        try:
+            build(tmp)
+            if target.exists():  # an interrupted build left it without its marker
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
