@@ -103,9 +103,10 @@ def test_cross_section_rules():
     assert sorted(PRESETS) == ["digits", "digits-full", "qwen-image-full-zero3", "qwen-image-lora", "tiny"]
 
 
-def test_dmd_methods_read_their_own_sections_and_refuse_zero3():
+def test_dmd_methods_read_their_own_sections_and_take_zero3_in_full_mode_only():
     """method: dmd2 / vsd pick the section of that name (VSD's weighting and one fake step by default);
-    ZeRO-3 and a section renamed to the other method are one-line errors naming the field."""
+    ZeRO-3 is taken in full mode (the copies get engines of their own) and refused in LoRA mode and with the
+    GAN head; a section renamed to the other method is a one-line error naming the field."""
     def resolved(*sets):
         return build(TrainConfig, tiny(), overrides=list(sets))
 
@@ -113,8 +114,13 @@ def test_dmd_methods_read_their_own_sections_and_refuse_zero3():
     assert (cfg.objective_config.weighting, cfg.objective_config.fake_updates) == ("vsd", 1)
     cfg = resolved("method=dmd2", "dmd2.fake_updates=3")
     assert (cfg.objective_config.weighting, cfg.objective_config.fake_updates) == ("dmd", 3)
-    with pytest.raises(ConfigError, match=r"^deepspeed\.zero_stage: method dmd2 keeps its fake score outside"):
-        resolved("method=dmd2", "deepspeed.zero_stage=3", "twinflow.teacher=self", "model.ema=false")
+    zero3 = ("deepspeed.zero_stage=3", "twinflow.teacher=self", "model.ema=false")
+    with pytest.raises(ConfigError, match=r"^deepspeed\.zero_stage: method dmd2 in LoRA mode trains its fake adapter"):
+        resolved("method=dmd2", *zero3)
+    full = resolved("method=dmd2", *zero3, "model.mode=full", "model.dtype=float32")
+    assert (full.deepspeed.zero_stage, full.model.mode) == (3, "full")
+    with pytest.raises(ConfigError, match=r"^dmd2\.gan_weight: the GAN head trains beside the fake score"):
+        resolved("method=dmd2", *zero3, "model.mode=full", "model.dtype=float32", "dmd2.gan_weight=0.1")
     with pytest.raises(ConfigError, match=r"^vsd\.name: the vsd section trains vsd"):
         resolved("method=vsd", "vsd.name=dmd2")
     with pytest.raises(ConfigError, match=r"^dmd2\.fake_updates: must be >= 1"):

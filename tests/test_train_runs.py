@@ -1,7 +1,8 @@
 """The training job on local storage: a full-parameter DeepSpeed ZeRO-3 run (weights partitioned over
 the two workers, consolidated at the end into a loadable transformer and pipeline), NaN losses
 (skipped and counted on every rank; a streak stops the run with a message) in a MeanFlow run, DMD2 in
-LoRA form stopped and resumed, and a bad shard stopping the run.
+LoRA form (ZeRO-2) and in full form (ZeRO-3, three partitioned copies) stopped and resumed, and a bad shard
+stopping the run.
 
 Real parts only: local Ray, Ray Train V2 TorchTrainer with 2 CPU workers, DeepSpeed over gloo, the
 tiny random-weight Qwen-Image, sklearn digits.
@@ -133,6 +134,56 @@ def test_dmd2_lora_trains_its_fake_adapter_beside_deepspeed_and_resumes_it(ray_l
     lora = load_file(str(run / "final" / "lora" / "adapter.safetensors"))
     assert not any(".fake." in k or "gan_head" in k for k in lora)  # the export carries the student only
 
+
+
+def test_dmd2_full_parameter_under_zero3_partitions_all_three_copies_and_resumes(ray_local, tiny_qwen_image,
+                                                                                 tmp_path_factory, tmp_path):
+    """DMD2 in its full form under ZeRO-3: the paper's three copies, each partitioned over the two workers
+    (persistence threshold 0) -- the student in the training engine, the fake score in a second engine with
+    its own optimizer, the real score in a third without one (train/fake_score.py). Stopped at step 2 and
+    resubmitted: the fake engine's shards come back with its step count (2 fake updates × 2 micro-batches
+    per student step: 8 at step 2, 16 at step 4; 8 again at step 4 had the restore failed)."""
+    import dataclasses
+
+    from twinflow.files import weights_only_loads
+    from twinflow.models.qwen_image import TwinFlowQwenImageTransformer2DModel
+    from twinflow.models.qwen_loading import load_twinflow_transformer
+    from twinflow.train.trainer import run_training
+
+    root = tmp_path_factory.getbasetemp()
+    cfg = tiny_config(tiny_qwen_image, digits_dir(root), str(tmp_path / "runs"), "dmd2-zero3",
+                      sample={"enabled": False}, model={"mode": "full", "ema": False}, twinflow={"teacher": "self"},
+                      deepspeed={"zero_stage": 3, "param_persistence_threshold": 0},
+                      optim={"lr": 1e-3, "warmup_steps": 0, "schedule": "constant"},
+                      run={"max_steps": 4, "checkpoint_every": 2, "stop_at_step": 2, "export_pipeline": True})
+    cfg = dataclasses.replace(cfg, method="dmd2", dmd2=dataclasses.replace(cfg.dmd2, fake_updates=2))
+    first = run_training(cfg)
+    assert (first.summary["step"], first.summary["stop_reason"]) == (2, "stop_at_step")
+    again = run_training(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, stop_at_step=None)))
+    s = again.summary
+    assert (s["step"], s["stop_reason"], s["resumed_from"]) == (4, "done", [2])
+    assert s["zero3_padding_passes"] == 0  # DMD's passes do not depend on a rank's rows: nothing to pad
+
+    run = tmp_path / "runs" / "dmd2-zero3"
+    for step, fake_steps in ((2, 8), (4, 16)):
+        ckpt = run / f"checkpoint_step_{step:08d}"
+        for engine_dir in (ckpt, ckpt / "fake_score"):  # the student's and the fake score's shards
+            shards = engine_dir / f"step_{step:08d}"
+            for rank in (0, 1):
+                assert (shards / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt").is_file()
+                assert (shards / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").is_file()
+        with weights_only_loads():
+            fake = torch.load(ckpt / "fake_score" / f"step_{step:08d}" / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+        assert (fake["global_steps"], fake["skipped_steps"]) == (fake_steps, 0)
+    rows = [json.loads(x) for x in (run / "final" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for r in rows:
+        assert r["loss/dm"] > 0 and r["loss/fake_score"] > 0 and r["grad_norm"] > 0 and r["fake_skipped"] == 0
+    # the exported student is the whole trained transformer, consolidated from its shards
+    trained = TwinFlowQwenImageTransformer2DModel.from_pretrained(run / "final" / "transformer").state_dict()
+    initial = load_twinflow_transformer(tiny_qwen_image).state_dict()
+    assert trained.keys() == initial.keys()
+    assert sum(not torch.equal(trained[k], initial[k]) for k in trained) > len(trained) // 2
 
 def test_a_shard_over_the_bad_share_limit_stops_the_run_in_one_line_without_retries(ray_local, tiny_qwen_image,
                                                                                       tmp_path):

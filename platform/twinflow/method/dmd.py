@@ -167,16 +167,23 @@ class DMDObjective:
     fake step whose gradients are not finite afterwards is skipped (on every rank alike: the check follows
     the reduction) and counted in the ``fake_skipped`` stat. ``discriminator`` (needed when
     ``gan_weight`` > 0) is a ``Discriminator`` on the fake network; its parameters must be among
-    ``fake_params`` (the fake optimizer trains them). The student loss is returned for the trainer to
-    backpropagate and step.
+    ``fake_params`` (the fake optimizer trains them). ``fake_update`` (optional) replaces that whole torch
+    update: a trainer whose fake score is its own DeepSpeed engine (ZeRO-3) passes a callable that takes the
+    fake step's loss, runs the engine's backward and step (reduction, clipping and the non-finite check are
+    the engine's) and returns whether the step was applied; ``fake_opt`` is then unused. The student loss is
+    returned for the trainer to backpropagate and step.
     """
 
-    def __init__(self, cfg: DMDConfig, real: VelocityFn, fake: VelocityFn, fake_opt: torch.optim.Optimizer,
+    def __init__(self, cfg: DMDConfig, real: VelocityFn, fake: VelocityFn, fake_opt: torch.optim.Optimizer | None,
                  fake_params: list[nn.Parameter] | None = None, grad_clip: float | None = 1.0,
                  fake_context: Callable[[], ContextManager] | None = None, fake_eval: VelocityFn | None = None,
                  reduce_grads: Callable[[list[nn.Parameter]], None] | None = None,
-                 discriminator: Discriminator | None = None):
+                 discriminator: Discriminator | None = None,
+                 fake_update: Callable[[torch.Tensor], bool] | None = None):
+        if fake_opt is None and fake_update is None:
+            raise ValueError("the fake score needs an optimizer (fake_opt) or an update of its own (fake_update)")
         self.cfg, self.real, self.fake, self.fake_opt = cfg, real, fake, fake_opt
+        self.fake_update = fake_update or self._torch_update
         self.fake_params = fake_params if fake_params is not None else list(fake.parameters())
         if cfg.gan_weight > 0:
             if discriminator is None:
@@ -216,20 +223,26 @@ class DMDObjective:
                 head = nn.functional.softplus(fake_logits) + nn.functional.softplus(-real_logits)
                 loss = loss + self.cfg.gan_head_weight * head.sum() / rows
                 self._head_losses.append(head.detach().mean())
-            self.fake_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.reduce_grads is not None:
-                self.reduce_grads(self.fake_params)
-            grads = [p.grad for p in self.fake_params if p.grad is not None]
-            # one total norm, from the clip when there is one (NaN / inf there: keep the fake score as it was)
-            norm = (torch.nn.utils.clip_grad_norm_(self.fake_params, self.grad_clip) if self.grad_clip
-                    else torch.nn.utils.get_total_norm(grads)) if grads else torch.zeros(())
-            if bool(torch.isfinite(norm)):
-                self.fake_opt.step()
-            else:
+            if not self.fake_update(loss):
                 self.fake_skipped += 1
-            self.fake_opt.zero_grad(set_to_none=True)
         return per_row.detach().mean()
+
+    def _torch_update(self, loss: torch.Tensor) -> bool:
+        """Backward, cross-rank mean (``reduce_grads``), clip and step of ``fake_opt``; False (nothing
+        applied) when the gradient norm is not finite, on every rank alike since it follows the mean."""
+        self.fake_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.reduce_grads is not None:
+            self.reduce_grads(self.fake_params)
+        grads = [p.grad for p in self.fake_params if p.grad is not None]
+        # one total norm, from the clip when there is one (NaN / inf there: keep the fake score as it was)
+        norm = (torch.nn.utils.clip_grad_norm_(self.fake_params, self.grad_clip) if self.grad_clip
+                else torch.nn.utils.get_total_norm(grads)) if grads else torch.zeros(())
+        applied = bool(torch.isfinite(norm))
+        if applied:
+            self.fake_opt.step()
+        self.fake_opt.zero_grad(set_to_none=True)
+        return applied
 
     def __call__(self, model: VelocityFn, x: torch.Tensor, cond: Any, block_ids: torch.Tensor | None = None, *,
                  uncond: Any = None, teacher: Any = None, model_nograd: VelocityFn | None = None,

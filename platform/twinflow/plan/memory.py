@@ -200,13 +200,20 @@ def plan_memory(inputs: PlanInputs) -> MemoryPlan:
         trained, trained_bytes = counts.total, a
         weights = counts.total * a
     copies = _teacher_copy(inputs, counts, a, lb, notes)
-    extra_trained = 0
+    extra_trained = own_fake = 0
     if inputs.method == "dmd":
         # DMD-style: a fake-score network trained alongside (a second adapter in LoRA mode, a
         # second model otherwise) and a frozen real-score teacher (the base, adapters off, in LoRA).
-        extra_trained = counts.lora + counts.e2 if lora else counts.total
+        extra_trained = counts.lora if lora else counts.total  # the fake adapter shares the student's E2
         weights += extra_trained * trained_bytes + (0 if lora else counts.total * a)
-        notes.append("dmd: + a trained fake-score copy (grads, optimizer) and a frozen teacher copy")
+        # As train/fake_score.py trains it: full mode under ZeRO-3 in a DeepSpeed engine of its own
+        # (partitioned like the student: fp32 master + moments / n); otherwise by a torch AdamW outside
+        # DeepSpeed, replicated on every GPU, moments and gradients in the parameters' dtype.
+        if lora or z != 3:
+            own_fake, extra_trained = extra_trained, 0
+            notes.append("dmd: + a trained fake score (its own AdamW, replicated) and a frozen teacher copy")
+        else:
+            notes.append("dmd: + a trained fake-score engine and a frozen teacher engine, both ZeRO-3 partitioned")
     trained_all = trained + extra_trained
 
     # ---- static lines ----------------------------------------------------------------------------
@@ -238,6 +245,9 @@ def plan_memory(inputs: PlanInputs) -> MemoryPlan:
     lines.append(MemoryLine("gradients", grads if persistent_grads else 0.0, 0.0,
                             ("partitioned" if grad_div > 1 else "full") + ("" if persistent_grads else
                                                                           "; allocated during backward (below)")))
+    if own_fake:
+        lines.append(MemoryLine("fake-score optimizer + gradients", own_fake * 3 * trained_bytes, 0.0,
+                                f"torch AdamW m, v and gradients of {own_fake:,} params, replicated"))
     lines.append(MemoryLine("comm buffers", _comm_buffers(inputs, trained_all, trained_bytes), 0.0,
                             "DeepSpeed buckets" if n > 1 or z > 0 else "single process: none"))
     if copies:
@@ -271,7 +281,7 @@ def plan_memory(inputs: PlanInputs) -> MemoryPlan:
     if post:
         phases["no-grad passes (TwinFlow)"] = saved + act.nograd_working_set(img, txt, post)
     bwd = saved + act.backward_working_set(img, txt, rows)
-    opt_temp = 0.0 if off else trained_all * 4 / opt_div
+    opt_temp = max(0.0 if off else trained_all * 4 / opt_div, own_fake * trained_bytes)  # foreach temporaries
     if not persistent_grads:
         # Plain single-process torch: gradients appear block by block during backward while the
         # saved activations are released, so the peak is at one of the two ends.

@@ -367,11 +367,17 @@ class TrainConfig:
             require(dmd.name == self.method, f"{self.method}.name",
                     f"the {self.method} section trains {self.method}; leave its name as {self.method!r} (got "
                     f"{dmd.name!r}; for the other weighting use method: {dmd.name})")
-            # The fake score trains outside DeepSpeed (its own AdamW, gradients all-reduced by hand): it needs
-            # whole weights on every rank, which ZeRO-3 partitions away.
-            require(ds.zero_stage == 2, "deepspeed.zero_stage",
-                    f"method {self.method} keeps its fake score outside DeepSpeed and needs ZeRO-2 (got 3); "
-                    f"use zero_stage: 2 (LoRA mode holds one base, so its memory is close to TwinFlow's)")
+            # ZeRO-3 (full mode) gives the fake and real copies DeepSpeed engines of their own (train/fake_score.py).
+            # In LoRA mode the fake score is a second adapter on the one base, trained outside DeepSpeed with whole
+            # weights on every rank, which ZeRO-3 partitions away; the GAN head has no ZeRO-3 engine either.
+            if ds.zero_stage == 3:
+                require(self.model.mode == "full", "deepspeed.zero_stage",
+                        f"method {self.method} in LoRA mode trains its fake adapter outside DeepSpeed and needs ZeRO-2 "
+                        f"(got 3); use zero_stage: 2 (the base is frozen, so ZeRO-2 holds one base plus two adapters: "
+                        f"about TwinFlow's memory), or model.mode: full for ZeRO-3")
+                require(dmd.gan_weight == 0, f"{self.method}.gan_weight",
+                        f"the GAN head trains beside the fake score outside DeepSpeed and needs ZeRO-2 (got "
+                        f"zero_stage: 3); set {self.method}.gan_weight: 0 or deepspeed.zero_stage: 2")
         if ds.zero_stage == 3:
             # EMA / frozen teachers copy whole weights (a module copy, or an adapter the EMA update
             # reads in full); ZeRO-3 keeps only a partition per rank.

@@ -52,6 +52,25 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
     return deep_merge(out, ds.extra)
 
 
+def fake_score_deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
+    """DMD2 / VSD under ZeRO-3: the fake score's own engine. The student's settings, but one optimizer
+    step per fake update (no accumulation: each update is one micro-batch of student samples) at the
+    fake learning rate (optim.lr × fake_lr_scale, constant: no scheduler is given to this engine)."""
+    out = deepspeed_config(cfg)
+    out["gradient_accumulation_steps"] = 1
+    out["train_batch_size"] = cfg.deepspeed.micro_batch_per_gpu * cfg.scaling.num_workers
+    if "optimizer" in out:
+        out["optimizer"]["params"]["lr"] = cfg.optim.lr * cfg.objective_config.fake_lr_scale
+    return out
+
+
+def frozen_deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
+    """A frozen copy under ZeRO-3 (DMD's real score): partitioned like the student, no optimizer."""
+    out = fake_score_deepspeed_config(cfg)
+    out.pop("optimizer", None)
+    return out
+
+
 class LrSchedule:
     """Multiplier of optim.lr per optimizer step: linear warm-up (lr/w ... lr over the first w steps),
     then constant or cosine to the floor (method/lr_schedule.py).

@@ -26,21 +26,29 @@ from twinflow.train.config import TrainConfig
 from twinflow.train.ds_config import lr_scheduler_factory
 
 
+def load_velocity(cfg: TrainConfig, model_path: str, ds_config: dict):
+    """This rank's QwenImageVelocity of ``model_path``: whole on CPU (ZeRO-2), or partitioned as it is
+    built (ZeRO-3). The student, and under ZeRO-3 DMD's fake and real copies (train/fake_score.py)."""
+    import deepspeed
+
+    from twinflow.models.qwen_loading import build_velocity_model
+
+    mcfg = dataclasses.replace(cfg.model, path=model_path)
+    if ds_config["zero_optimization"]["stage"] == 3:
+        init = deepspeed.zero.Init(config_dict_or_path=ds_config)
+        return build_velocity_model(
+            mcfg, init_context=init,
+            gather_context=lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0))
+    return build_velocity_model(mcfg)
+
+
 def build_engine(cfg: TrainConfig, model_path: str, ds_config: dict):
     """(DeepSpeed engine, the unwrapped QwenImageVelocity) for this rank."""
     import deepspeed
 
-    from twinflow.models.qwen_loading import build_velocity_model
     from twinflow.models.qwen_velocity import trainable_parameters
 
-    mcfg = dataclasses.replace(cfg.model, path=model_path)
-    if cfg.deepspeed.zero_stage == 3:
-        init = deepspeed.zero.Init(config_dict_or_path=ds_config)
-        velocity = build_velocity_model(
-            mcfg, init_context=init,
-            gather_context=lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0))
-    else:
-        velocity = build_velocity_model(mcfg)
+    velocity = load_velocity(cfg, model_path, ds_config)
     params = trainable_parameters(velocity)
     if not params:
         raise RuntimeError("the model has no trainable parameters (check model.mode and model.lora.targets)")

@@ -142,8 +142,10 @@ class Worker:
             self.objective = self.fake_score.objective
         else:
             self.objective = single_network_objective(cfg.objective_config)
+        # ZeRO-3 gathers weights in collectives at every pass, so ranks must run the networks equally often.
+        # DMD's passes per micro-batch do not depend on the rank's rows (no blocks); the others' do.
         self.equalizer = (CallEqualizer(self.velocity, max_network_calls(cfg.objective_config))
-                          if cfg.deepspeed.zero_stage == 3 else None)
+                          if cfg.deepspeed.zero_stage == 3 and self.fake_score is None else None)
         self.uncond = self._uncond()
 
     def _encoder(self):
@@ -184,6 +186,8 @@ class Worker:
             try:
                 load_deepspeed_checkpoint(self.engine, d, shared["tag"], load_module_strict=not self.cfg.is_lora,
                                           load_optimizer_states=True, load_lr_scheduler_states=True)
+                if self.fake_score is not None:
+                    self.fake_score.load_files(d, shared["tag"])
             except INPUT_ERRORS as exc:
                 error = str(exc)
             self.agree(error)
@@ -345,6 +349,8 @@ class Worker:
         with tempfile.TemporaryDirectory(prefix="twinflow-ckpt-") as tmp:
             self.engine.save_checkpoint(tmp, tag=tag, client_state={"twinflow_step": step},
                                         exclude_frozen_parameters=self.cfg.is_lora)
+            if self.fake_score is not None:
+                self.fake_score.save_files(tmp, tag)
             write_rank_state(tmp, self.rank, self.generator)
             if self.rank == 0:
                 if grid is not None:

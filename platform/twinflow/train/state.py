@@ -11,6 +11,8 @@ ranks' files into one directory in storage):
     twinflow/teacher.safetensors       rank 0: the teacher's tensors (EMA weights / EMA adapter)
     twinflow/fake_score.safetensors    rank 0, DMD2 / VSD only: the fake score's weights and AdamW state
                                        (train/fake_score.py; its scalars in shared.json)
+    fake_score/latest, fake_score/<tag>/   DMD2 / VSD under ZeRO-3: the fake score's own DeepSpeed engine's
+                                       shards, every rank (instead of fake_score.safetensors)
     twinflow/rank_<r>.json             every rank: its RNG streams (python, numpy, torch, CUDA, the
     twinflow/rank_<r>.safetensors        objective's generator): scalars in JSON, state arrays here
     twinflow/complete_rank_<r>         every rank, written last: this rank's shard is whole
@@ -45,6 +47,7 @@ STATE_DIR = "twinflow"  # <checkpoint>/twinflow: our own state beside DeepSpeed'
 SHARED_FILE = "shared.json"
 TEACHER_FILE = "teacher.safetensors"
 FAKE_SCORE_FILE = "fake_score.safetensors"
+FAKE_SCORE_DIR = "fake_score"  # beside <tag>/: the ZeRO-3 fake score engine's own checkpoint
 _STATE_TENSOR_FILES = {"teacher": TEACHER_FILE, "fake_score": FAKE_SCORE_FILE}
 """shared.json keys whose tensors live in their own safetensors file beside it."""
 LEGACY_SHARED_FILE = "shared.pt"
