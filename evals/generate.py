@@ -6,12 +6,13 @@ Generator protocol (what the stage needs from a model)::
     images = gen(prompts, seeds, nfe, (height, width))   # list[PIL.Image], one per prompt/seed pair
 
 Implementations:
-  ``twinflow``   ``twinflow.models.pipeline.TwinFlowQwenImagePipeline`` (imported lazily: it is the
-                 TwinFlow any-step sampler; ``num_inference_steps`` is the NFE)
-  ``diffusers``  diffusers' own ``QwenImagePipeline`` (or whatever ``DiffusionPipeline`` the folder
-                 names), same call shape; used for base models and for tests on tiny random folders
-  ``auto``       ``twinflow`` when the folder's model_index.json names TwinFlowQwenImagePipeline,
-                 else ``diffusers``
+  ``twinflow``   the folder's family's TwinFlow pipeline (``TwinFlowQwenImagePipeline``,
+                 ``TwinFlowSanaPipeline``; twinflow.models.families, imported lazily: the TwinFlow any-step
+                 sampler; ``num_inference_steps`` is the NFE)
+  ``diffusers``  diffusers' own pipeline (``QwenImagePipeline``, ``SanaPipeline`` or whatever
+                 ``DiffusionPipeline`` the folder names), same call shape; used for base models and for tests
+                 on tiny random folders
+  ``auto``       ``twinflow`` when the folder's model_index.json names a TwinFlow pipeline, else ``diffusers``
 Each image gets its own CPU ``torch.Generator`` seeded from (seed, benchmark, prompt key, image
 index): the noise is identical on CPU and GPU, for every shard layout, and at every NFE.
 """
@@ -31,7 +32,8 @@ from PIL import Image
 from evals import layout
 from evals.prompts import Item
 
-TWINFLOW_CLASS = "TwinFlowQwenImagePipeline"
+TWINFLOW_PREFIX = "TwinFlow"
+"""The TwinFlow pipelines of every family are named TwinFlow<diffusers pipeline name>."""
 
 
 def image_seed(base: int, benchmark: str, key: str, index: int) -> int:
@@ -100,9 +102,9 @@ def _dtype(name: str, device: str):
 
 
 def resolve_kind(folder: str | Path, kind: str = "auto") -> str:
-    """``auto`` -> ``twinflow`` for a TwinFlowQwenImagePipeline folder, else ``diffusers``."""
+    """``auto`` -> ``twinflow`` for a folder of a TwinFlow pipeline (any family), else ``diffusers``."""
     if kind == "auto":
-        return "twinflow" if pipeline_class_name(folder) == TWINFLOW_CLASS else "diffusers"
+        return "twinflow" if (pipeline_class_name(folder) or "").startswith(TWINFLOW_PREFIX) else "diffusers"
     if kind not in ("twinflow", "diffusers"):
         raise ValueError(f"unknown generator {kind!r}; choose auto, twinflow or diffusers")
     return kind
@@ -116,11 +118,11 @@ def load_generator(folder: str | Path, kind: str = "auto", device: str = "cpu",
     dtype = _dtype(options.dtype, device)
     if kind == "twinflow":
         try:
-            from twinflow.models.pipeline import TwinFlowQwenImagePipeline
+            from twinflow.models.families import backbone_for
         except ImportError as exc:
-            raise ImportError("generation.generator=twinflow needs twinflow.models.pipeline.TwinFlowQwenImagePipeline, "
+            raise ImportError("generation.generator=twinflow needs the twinflow package (twinflow.models.families), "
                               f"which this install lacks ({exc}); use generation.generator=diffusers") from exc
-        pipe = TwinFlowQwenImagePipeline.from_pretrained(str(folder), dtype=dtype)
+        pipe = backbone_for(str(folder)).pipeline_class().from_pretrained(str(folder), dtype=dtype)
     else:
         import diffusers
 

@@ -149,11 +149,11 @@ def bench_precache(work: Path, args) -> dict:
     # measured against (on CPU the tiny VAE dominates).
     import torch
 
-    from twinflow.data import QwenImageEncoder, iter_decoded
+    from twinflow.data import PipelineEncoder, iter_decoded
     from twinflow.data.transforms import to_model_pixels
 
     rows = list(iter_decoded(cfg.data))[:64]
-    enc = QwenImageEncoder(str(model), device="cpu", dtype="float32", max_sequence_length=512)
+    enc = PipelineEncoder(str(model), device="cpu", dtype="float32", max_sequence_length=512)
     enc.training_batch(to_model_pixels([r[1] for r in rows[:2]]), [r[2] for r in rows[:2]])  # warm-up
     t0 = time.perf_counter()
     for i in range(0, len(rows), 32):

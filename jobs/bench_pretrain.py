@@ -45,7 +45,7 @@ def plain_loop(root: Path, batch: int, steps: int, warmup: int, threads: int, lr
 
     from twinflow.data.cache import read_cache_table, table_to_batch
     from twinflow.data.loader import BatchSpec, to_training_batch
-    from twinflow.models.qwen_loading import load_twinflow_transformer
+    from twinflow.models.loading import load_twinflow_transformer
     from twinflow.models.qwen_velocity import QwenImageVelocity
 
     torch.set_num_threads(threads)

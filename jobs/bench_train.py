@@ -83,7 +83,7 @@ def method_configs(names: list[str]) -> dict:
 
 def build_inputs(args: argparse.Namespace):
     from twinflow.method.config import twinflow
-    from twinflow.models.config import QwenImageModelConfig
+    from twinflow.models.config import ModelConfig
     from twinflow.models.lora import LoraSettings
     from twinflow.plan import PlanInputs
     from twinflow.plan.presets import tiny
@@ -93,7 +93,7 @@ def build_inputs(args: argparse.Namespace):
     arch = {"patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": args.layers,
             "attention_head_dim": 128, "num_attention_heads": args.heads, "joint_attention_dim": 512,
             "guidance_embeds": False, "axes_dims_rope": [16, 56, 56]}
-    model = QwenImageModelConfig(path="from-config", mode=args.mode, lora=LoraSettings(rank=args.rank),
+    model = ModelConfig(path="from-config", family="qwen-image", mode=args.mode, lora=LoraSettings(rank=args.rank),
                                  dtype=args.dtype, gradient_checkpointing=not args.no_gc)
     return PlanInputs(model=model, architecture=arch, twinflow=twinflow(), num_gpus=1, zero_stage=0,
                       micro_batch=args.micro_batch, height=args.resolution, width=args.resolution,

@@ -70,7 +70,7 @@ def save(path: Path | None) -> None:
 def plan_inputs(args: argparse.Namespace, gpu_bytes: int | None):
     """The check's setting as PlanInputs (the real 20B architecture; tiny with --smoke-cpu)."""
     from twinflow.method.config import twinflow
-    from twinflow.models.config import QwenImageModelConfig
+    from twinflow.models.config import ModelConfig
     from twinflow.models.lora import LoraSettings
     from twinflow.plan import GIB, PlanInputs
 
@@ -79,7 +79,7 @@ def plan_inputs(args: argparse.Namespace, gpu_bytes: int | None):
         from twinflow.plan.presets import tiny
 
         return dataclasses.replace(tiny(), micro_batch=args.micro_batch)
-    return PlanInputs(model=QwenImageModelConfig(path="Qwen/Qwen-Image", mode="lora", lora=LoraSettings(rank=args.rank),
+    return PlanInputs(model=ModelConfig(path="Qwen/Qwen-Image", mode="lora", lora=LoraSettings(rank=args.rank),
                                                  dtype="bfloat16", gradient_checkpointing=True),
                       twinflow=twinflow(), num_gpus=1, zero_stage=0, micro_batch=args.micro_batch,
                       height=args.resolution, width=args.resolution, text_tokens=args.text_tokens, **gpu)
@@ -97,7 +97,7 @@ def meta_check(inputs) -> dict:
         add_lora(model, inputs.model.lora)
     lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    counts = count_parameters(_arch(), inputs.model.lora.rank, tuple(inputs.model.lora.targets))
+    counts = count_parameters(_arch(), inputs.model.lora.rank, tuple(inputs.model.lora_targets()))
     return {"peft_lora_params": lora, "planner_lora_params": counts.lora, "trained_params": trained,
             "base_params": counts.total, "e2_params": counts.e2, "counts_agree": lora == counts.lora
             and trained == counts.lora + counts.e2}

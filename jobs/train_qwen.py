@@ -1,4 +1,5 @@
-"""Train Qwen-Image into a 1–2 step generator with TwinFlow, on Ray Train + DeepSpeed ZeRO.
+"""Train Qwen-Image (or another family: model.family, models/families.py) into a 1–2 step generator with
+TwinFlow, on Ray Train + DeepSpeed ZeRO.
 
 Without arguments it runs the CPU demo end to end (``make demo``, ~4 min on 2 cores): TwinFlow
 distils the pretrained digits base (``model.path: digits-base``, built into $TWINFLOW_CACHE on first
@@ -13,6 +14,7 @@ a ready-to-load TwinFlowQwenImagePipeline folder, and the digits probe's table o
     python jobs/train_qwen.py --set method=meanflow --set run.name=digits-meanflow   # a rival (or method=scm)
     python jobs/train_qwen.py --set method=dmd2 --set run.name=digits-dmd2           # DMD2 (or vsd): LoRA = one base
     python jobs/train_qwen.py --preset tiny                                    # random tiny model: plumbing
+    python jobs/train_qwen.py --preset tiny --set model.path=tiny-sana --set data.resolution=32  # SANA
     python jobs/train_qwen.py --dry-run                                        # config + batch plan
 
 On a cluster (see cluster/README.md; S3 credentials from AWS_* variables, MLflow from

@@ -210,7 +210,7 @@ def test_zero3_full_checkpoint_exports_the_trained_transformer(zero3_run, tiny_q
     from twinflow.export.exporter import export
     from twinflow.models.pipeline import TwinFlowQwenImagePipeline
     from twinflow.models.qwen_image import TwinFlowQwenImageTransformer2DModel
-    from twinflow.models.qwen_loading import load_twinflow_transformer
+    from twinflow.models.loading import load_twinflow_transformer
 
     _, run = zero3_run
     shards = run / CKPT / f"step_{STEP:08d}"

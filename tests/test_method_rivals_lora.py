@@ -134,7 +134,7 @@ def test_full_form_fake_score_trains_a_copy_beside_a_frozen_real_copy(tiny_qwen_
     pretrained weights, and the student is left for its trainer to step (its gradient is there)."""
     import dataclasses
 
-    from twinflow.models.qwen_loading import build_velocity_model
+    from twinflow.models.loading import build_velocity_model
     from twinflow.train.config import TrainConfig
     from twinflow.train.fake_score import FakeScore
 

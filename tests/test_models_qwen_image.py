@@ -16,7 +16,7 @@ from diffusers import QwenImageTransformer2DModel
 
 from twinflow.config import ConfigError
 from twinflow.method import BatchLayout, TwinFlowObjective, allocate_micro_batch, twinflow
-from twinflow.models.config import QwenImageModelConfig
+from twinflow.models.config import ModelConfig
 from twinflow.models.lora import (LoraEmaTeacher, LoraFrozenTeacher, LoraSettings, QWEN_IMAGE_LORA_TARGETS,
                                   active_adapter, lora_state_dict, make_qwen_teacher, merge_lora)
 from twinflow.models.qwen_encode import (UNCOND_PROMPT, decode_latents, denormalise_latents, encode_images,
@@ -24,7 +24,7 @@ from twinflow.models.qwen_encode import (UNCOND_PROMPT, decode_latents, denormal
                                          vae_scale_factor,
                                          pad_prompt_embeds, split_prompt_embeds, uncond_condition)
 from twinflow.models.qwen_image import QWEN_IMAGE_20B_CONFIG, TwinFlowQwenImageTransformer2DModel
-from twinflow.models.qwen_loading import build_twinflow_transformer, build_velocity_model, load_twinflow_transformer
+from twinflow.models.loading import build_twinflow_transformer, build_velocity_model, load_twinflow_transformer
 from twinflow.models.qwen_velocity import QwenImageVelocity, image_shapes, pack_latents, parameter_count, unpack_latents
 
 torch.set_num_threads(2)
@@ -73,7 +73,7 @@ def test_pack_unpack_round_trip_matches_pipeline_layout():
 
 
 def test_plain_checkpoint_gets_e2_copied_from_e1_and_logs_it(tiny_qwen_image, caplog):
-    with caplog.at_level(logging.INFO, logger="twinflow.models.qwen_image"):
+    with caplog.at_level(logging.INFO, logger="twinflow.models.target_time"):
         model = load_twinflow_transformer(tiny_qwen_image)
     assert "copy-initialised" in caplog.text
     assert model.config.target_time_embed
@@ -92,7 +92,7 @@ def test_trained_e2_round_trips_through_save_pretrained(tiny_qwen_image, tmp_pat
             p.add_(torch.randn_like(p))
     model.save_pretrained(tmp_path / "tf")
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="twinflow.models.qwen_image"):
+    with caplog.at_level(logging.INFO, logger="twinflow.models.target_time"):
         again = TwinFlowQwenImageTransformer2DModel.from_pretrained(tmp_path / "tf")
     assert "copy-initialised" not in caplog.text
     sd, sd2 = model.state_dict(), again.state_dict()
@@ -466,15 +466,15 @@ def test_gradient_checkpointing_gives_the_same_loss_and_grads(tiny_qwen_image, t
 
 
 def test_model_config_validation_names_the_field(tiny_qwen_image, tmp_path):
-    QwenImageModelConfig(path=str(tiny_qwen_image)).validate()
-    QwenImageModelConfig(path="Qwen/Qwen-Image").validate()
+    ModelConfig(path=str(tiny_qwen_image)).validate()
+    ModelConfig(path="Qwen/Qwen-Image").validate()
     cases = [
-        (QwenImageModelConfig(path=""), r"model\.path"),
-        (QwenImageModelConfig(path=str(tmp_path)), r"model\.path: .* not a diffusers pipeline folder"),
-        (QwenImageModelConfig(path="./missing/folder"), r"model\.path: .* not a hub id"),
-        (QwenImageModelConfig(path=str(tiny_qwen_image), mode="full", ema=True), r"model\.ema"),
-        (QwenImageModelConfig(path=str(tiny_qwen_image), lora=LoraSettings(rank=0)), r"model\.lora\.rank"),
-        (QwenImageModelConfig(path=str(tiny_qwen_image), dtype="int8"), r"model\.dtype"),
+        (ModelConfig(path=""), r"model\.path"),
+        (ModelConfig(path=str(tmp_path)), r"model\.path: .* not a diffusers pipeline folder"),
+        (ModelConfig(path="./missing/folder"), r"model\.path: .* not a hub id"),
+        (ModelConfig(path=str(tiny_qwen_image), mode="full", ema=True), r"model\.ema"),
+        (ModelConfig(path=str(tiny_qwen_image), lora=LoraSettings(rank=0)), r"model\.lora\.rank"),
+        (ModelConfig(path=str(tiny_qwen_image), dtype="int8"), r"model\.dtype"),
     ]
     for cfg, pattern in cases:
         with pytest.raises(ConfigError, match=pattern):
@@ -482,7 +482,7 @@ def test_model_config_validation_names_the_field(tiny_qwen_image, tmp_path):
 
 
 def test_build_velocity_model_from_config(tiny_qwen_image):
-    cfg = QwenImageModelConfig(path=str(tiny_qwen_image), mode="lora", lora=LoraSettings(rank=2, alpha=2), ema=True,
+    cfg = ModelConfig(path=str(tiny_qwen_image), mode="lora", lora=LoraSettings(rank=2, alpha=2), ema=True,
                                gradient_checkpointing=True, dtype="bfloat16")
     velocity = build_velocity_model(cfg)
     model = velocity.transformer
@@ -490,7 +490,7 @@ def test_build_velocity_model_from_config(tiny_qwen_image):
     assert set(model.peft_config) == {"default", "ema"} and model.active_adapters() == ["default"]
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".default." in n or n.startswith("time_text_embed_2.") for n in trainable)
-    full = build_velocity_model(QwenImageModelConfig(path=str(tiny_qwen_image), mode="full", dtype="float32",
+    full = build_velocity_model(ModelConfig(path=str(tiny_qwen_image), mode="full", dtype="float32",
                                                      gradient_checkpointing=False))
     assert all(p.requires_grad for p in full.parameters())
 

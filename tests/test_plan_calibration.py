@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from twinflow.method.config import twinflow
-from twinflow.models.config import QwenImageModelConfig
+from twinflow.models.config import ModelConfig
 from twinflow.models.lora import LoraSettings
 from twinflow.plan import PlanInputs, plan_memory
 from twinflow.plan.activations import ActivationModel, BlockShape, lora_sites
@@ -36,7 +36,7 @@ def one_thread():
 
 def inputs(mode="lora", dtype="bfloat16", targets=None, gc=True, side=256, txt=32) -> PlanInputs:
     lora = LoraSettings(rank=8) if targets is None else LoraSettings(rank=8, targets=targets)
-    return PlanInputs(model=QwenImageModelConfig(path="from-config", mode=mode, dtype=dtype, lora=lora,
+    return PlanInputs(model=ModelConfig(path="from-config", family="qwen-image", mode=mode, dtype=dtype, lora=lora,
                                                  gradient_checkpointing=gc),
                       architecture=dict(ARCH), twinflow=twinflow(), num_gpus=1, zero_stage=0, micro_batch=6,
                       height=side, width=side, text_tokens=txt)
@@ -47,7 +47,7 @@ def test_block_saved_bytes_match_autograd(mode, targets):
     inp = inputs(mode=mode, targets=targets, side=128, txt=16)
     measured = measure_block_saved(inp)
     act = ActivationModel(BlockShape.from_architecture(ARCH), mode=mode, act_bytes=2, lora_bytes=4, lora_rank=8,
-                          wrapped=lora_sites(ARCH, inp.model.lora.targets) if mode == "lora" else frozenset(),
+                          wrapped=lora_sites(ARCH, inp.model.lora_targets()) if mode == "lora" else frozenset(),
                           gradient_checkpointing=False)
     rope = 4 * ARCH["attention_head_dim"]  # the image RoPE table, shared by all blocks (counted outside)
     assert measured["per_image_token"] - rope == pytest.approx(act.block_saved_per_token(0), rel=0.03)

@@ -17,7 +17,7 @@ import pytest
 
 from twinflow.config.errors import ConfigError
 from twinflow.method.config import fm, twinflow
-from twinflow.models.config import QwenImageModelConfig
+from twinflow.models.config import ModelConfig
 from twinflow.models.lora import QWEN_IMAGE_LORA_TARGETS, LoraSettings
 from twinflow.models.qwen_image import QWEN_IMAGE_20B_CONFIG
 from twinflow.plan import GIB, PlanInputs, plan_from_train_config, plan_inputs_from_values, plan_memory
@@ -40,7 +40,7 @@ def block_params(dim: int, head_dim: int) -> int:
 
 
 def small_inputs(**changes) -> PlanInputs:
-    base = PlanInputs(model=QwenImageModelConfig(path="small", mode="full"), architecture=dict(SMALL),
+    base = PlanInputs(model=ModelConfig(path="small", family="qwen-image", mode="full"), architecture=dict(SMALL),
                       twinflow=twinflow(), num_gpus=8, zero_stage=0, micro_batch=6, height=64, width=64,
                       text_tokens=8)
     return dataclasses.replace(base, **changes)
@@ -68,7 +68,7 @@ def test_real_20b_counts_from_meta_equal_the_structure_formula():
 
 def test_lora_count_matches_peft_on_a_built_model():
     from twinflow.models.lora import add_lora
-    from twinflow.models.qwen_loading import build_twinflow_transformer
+    from twinflow.models.loading import build_twinflow_transformer
 
     settings = LoraSettings(rank=4)
     model = build_twinflow_transformer(SMALL)
@@ -115,7 +115,7 @@ def test_zero_stages_divide_what_they_partition(stage):
 
 
 def test_lora_has_no_optimizer_state_for_the_base():
-    plan = plan_memory(small_inputs(model=QwenImageModelConfig(path="s", mode="lora", lora=LoraSettings(rank=4)),
+    plan = plan_memory(small_inputs(model=ModelConfig(path="s", family="qwen-image", mode="lora", lora=LoraSettings(rank=4)),
                                     num_gpus=1))
     c = plan.params
     assert c.lora > 0
@@ -215,7 +215,7 @@ def test_resolution_to_tokens_and_validation():
 def test_gradient_checkpointing_shrinks_activations():
     on = plan_memory(small_inputs(num_gpus=1, height=256, width=256))
     off = plan_memory(small_inputs(num_gpus=1, height=256, width=256,
-                                   model=QwenImageModelConfig(path="s", mode="full", gradient_checkpointing=False)))
+                                   model=ModelConfig(path="s", family="qwen-image", mode="full", gradient_checkpointing=False)))
     assert off.phases["grad forward"] > 3 * on.phases["grad forward"]
 
 
@@ -223,7 +223,7 @@ def test_gradient_checkpointing_shrinks_activations():
 
 
 def test_plan_from_train_config_reads_a_config_tree():
-    cfg = SimpleNamespace(model=QwenImageModelConfig(mode="lora"), twinflow=twinflow(),
+    cfg = SimpleNamespace(model=ModelConfig(mode="lora"), twinflow=twinflow(),
                           deepspeed=SimpleNamespace(zero_stage=2, offload_optimizer=False, offload_params=False,
                                                     micro_batch=4, grad_accum=1),
                           data=SimpleNamespace(resolution=512), scaling=SimpleNamespace(num_workers=8))
@@ -233,7 +233,7 @@ def test_plan_from_train_config_reads_a_config_tree():
     assert plan_from_train_config(cfg, num_gpus=2).inputs.num_gpus == 2
     with pytest.raises(ConfigError, match="zero_stage"):
         plan_from_train_config(SimpleNamespace(model=cfg.model, twinflow=cfg.twinflow, data=cfg.data))
-    values = plan_inputs_from_values(QwenImageModelConfig(mode="full"), fm(), num_gpus=64, zero_stage=3,
+    values = plan_inputs_from_values(ModelConfig(mode="full"), fm(), num_gpus=64, zero_stage=3,
                                      micro_batch=1, resolution=(1024, 768))
     assert values.image_tokens == 64 * 48
 

@@ -102,7 +102,7 @@ def test_reference_run_on_s3_checkpoints_logs_samples_and_exports(ray_local, tin
 
     from twinflow.models.lora import load_lora_state_dict, merge_lora
     from twinflow.models.pipeline import TwinFlowQwenImagePipeline
-    from twinflow.models.qwen_loading import load_twinflow_transformer
+    from twinflow.models.loading import load_twinflow_transformer
 
     pipe = TwinFlowQwenImagePipeline.from_pretrained(final / "pipeline")
     rebuilt = load_twinflow_transformer(tiny_qwen_image, lora=cfg.model.lora)

@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.deepspeed]
 def test_zero3_full_parameter_run_partitions_weights_and_exports_them(ray_local, tiny_qwen_image, tmp_path_factory):
     from twinflow.models.pipeline import TwinFlowQwenImagePipeline
     from twinflow.models.qwen_image import TwinFlowQwenImageTransformer2DModel
-    from twinflow.models.qwen_loading import load_twinflow_transformer
+    from twinflow.models.loading import load_twinflow_transformer
 
     # The session's ZeRO-3 run (train_support.zero3_run; test_export exports the same one): full-parameter,
     # self teacher, persistence threshold 0, so even the tiny model's small weights are partitioned.
@@ -147,7 +147,7 @@ def test_dmd2_full_parameter_under_zero3_partitions_all_three_copies_and_resumes
 
     from twinflow.files import weights_only_loads
     from twinflow.models.qwen_image import TwinFlowQwenImageTransformer2DModel
-    from twinflow.models.qwen_loading import load_twinflow_transformer
+    from twinflow.models.loading import load_twinflow_transformer
     from twinflow.train.trainer import run_training
 
     root = tmp_path_factory.getbasetemp()

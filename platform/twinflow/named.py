@@ -2,6 +2,7 @@
 
     model.path / encode.model_path / --checkpoint
       tiny, tiny-qwen    random-weight tiny Qwen-Image pipelines (models/tiny_qwen.py), for plumbing
+      tiny-sana          a random-weight tiny SANA pipeline (models/sana.py)
       digits-base        the miniature paper's *pretrained* digits base (mini/base.py): a trained VAE,
                          the tiny text encoder and a flow-matching-pretrained transformer
     data.source
@@ -20,8 +21,11 @@ from typing import Any
 MODELS = {
     "tiny": "twinflow.models.tiny_qwen:named_tiny",
     "tiny-qwen": "twinflow.models.tiny_qwen:named_tiny",
+    "tiny-sana": "twinflow.models.sana:named_tiny",
     "digits-base": "twinflow.mini.base:named_base_pipeline",
 }
+FAMILIES = {"tiny": "qwen-image", "tiny-qwen": "qwen-image", "tiny-sana": "sana", "digits-base": "qwen-image"}
+"""The model family of each named model (models/families.py), known before it is built."""
 DATA_SOURCES = {
     "digits-base": "twinflow.mini.base:named_base_cache",
 }
@@ -41,6 +45,11 @@ def resolve_model(path: str, build: bool = True) -> str:
     if path not in MODELS:
         return path
     return _provider(MODELS[path])(path, build)
+
+
+def named_family(path: str) -> str | None:
+    """The family of a named model, None for any other path."""
+    return FAMILIES.get(path)
 
 
 def resolve_data_source(source: str, build: bool = True) -> str:

@@ -6,7 +6,7 @@ transforms, the latent cache written by jobs/precache.py, and the per-worker tra
     sources.py     shards of each layout and the (key, image bytes, caption) samples in them
     transforms.py  decode / orient / resize / centre-crop or bucket, uint8 -> [-1, 1]
     ingest.py      read_image_text: Ray Dataset of decoded rows, per-shard skip counts, bad-share limit
-    encode.py      QwenImageEncoder: VAE posterior mean (normalised) + encode_prompt, pipeline APIs
+    encode.py      PipelineEncoder: the family's latents (normalised) + prompt encoding, pipeline APIs
     cache.py       latent cache layout, manifest, read_latent_cache, load_uncond
     precache.py    the resumable actor-pool pipeline behind jobs/precache.py (config in config.py)
     loader.py      open_training_data + iter_training_batches for TorchTrainer workers
@@ -19,7 +19,7 @@ _EXPORTS = {
     "twinflow.data.cache": ["CACHE_SCHEMA", "LatentCacheManifest", "load_uncond", "read_cache_table",
                             "read_latent_cache", "read_manifest"],
     "twinflow.data.config": ["SKIP_REASONS", "DatasetConfig", "EncodeConfig", "PrecacheConfig"],
-    "twinflow.data.encode": ["UNCOND_PROMPT", "QwenImageEncoder", "pad_prompts"],
+    "twinflow.data.encode": ["UNCOND_PROMPT", "PipelineEncoder", "pad_prompts"],
     "twinflow.data.fs": ["DataSourceError", "filesystem_for", "s3_filesystem_from_env"],
     "twinflow.data.ingest": ["ShardStats", "iter_decoded", "new_ledger", "read_image_text", "summarize"],
     "twinflow.data.loader": ["BatchSpec", "TrainingData", "iter_training_batches", "open_training_data"],

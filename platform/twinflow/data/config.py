@@ -132,7 +132,9 @@ class EncodeConfig:
     num_cpus: float = 1.0
     resources: dict[str, float] = field(default_factory=dict)
     max_sequence_length: int = 512
-    uncond_prompt: str = UNCOND_PROMPT
+    uncond_prompt: str | None = None
+    """The unconditional prompt ∅ cached beside the rows; None: the model family's (Qwen-Image:
+    "Generate an image.", SANA: "")."""
 
     def validate(self, path: str = "encode") -> None:
         require(bool(self.model_path), f"{path}.model_path", "set the Qwen-Image folder (or 'tiny' for the test model)")
@@ -142,7 +144,6 @@ class EncodeConfig:
         require(self.num_cpus > 0, f"{path}.num_cpus", "must be > 0")
         require(1 <= self.max_sequence_length <= 1024, f"{path}.max_sequence_length",
                 "must be in [1, 1024] (QwenImagePipeline's limit)")
-        require(bool(self.uncond_prompt.strip()), f"{path}.uncond_prompt", "must not be blank")
 
 
 @dataclass

@@ -17,6 +17,8 @@ uncond.safetensors.
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import json
 import time
@@ -30,7 +32,7 @@ from twinflow.config.errors import ConfigError
 from twinflow.data.cache import (MANIFEST, MARKERS_DIR, PARTS_DIR, SETTINGS_FILE, UNCOND_FILE, LatentCacheManifest,
                                  ShardEntry, tensor_to_bytes, uncond_bytes, write_parts_udf)
 from twinflow.data.config import PrecacheConfig
-from twinflow.data.encode import QwenImageEncoder
+from twinflow.data.encode import PipelineEncoder
 from twinflow.data.fs import (DataSourceError, delete_dir_if_exists, describe, exists, filesystem_for, join,
                               list_files, read_bytes, write_bytes_atomic)
 from twinflow.data.ingest import (find_bad_data_error, new_ledger, read_image_text, summarize,
@@ -70,7 +72,7 @@ class EncodeActor:
 
     def __init__(self, model_path: str, device: str, dtype: str, max_sequence_length: int, cache_dtype: str,
                  uncond: tuple | None = None):
-        self.encoder = QwenImageEncoder(model_path, device=device, dtype=dtype, max_sequence_length=max_sequence_length)
+        self.encoder = PipelineEncoder(model_path, device=device, dtype=dtype, max_sequence_length=max_sequence_length)
         self.cache_dtype = cache_dtype
         if uncond is not None:
             fs, path, prompt = uncond
@@ -100,7 +102,7 @@ class EncodeActor:
 
 
 def _encode_uncond(model_path: str, device: str, dtype: str, max_sequence_length: int, prompt: str) -> bytes:
-    enc = QwenImageEncoder(model_path, device=device, dtype=dtype, max_sequence_length=max_sequence_length,
+    enc = PipelineEncoder(model_path, device=device, dtype=dtype, max_sequence_length=max_sequence_length,
                            load_vae=False)
     return uncond_bytes(enc.uncond(prompt))
 
@@ -131,16 +133,20 @@ def resolve_model_path(path: str, build: bool = True) -> str:
 
 
 def vae_info(model_path: str) -> dict:
-    from diffusers import AutoencoderKLQwenImage
+    """The model's family and VAE settings (recorded in the manifest; the family's latent normalisation
+    reads them); DataSourceError naming the path when it is no pipeline folder of a known family."""
+    from twinflow.config.errors import ConfigError
+    from twinflow.models.families import backbone_for
 
     try:
-        config = AutoencoderKLQwenImage.load_config(model_path, subfolder="vae")
-    except (OSError, ValueError) as exc:
-        raise DataSourceError(f"encode.model_path={model_path}: not a readable Qwen-Image pipeline folder or hub id "
-                              f"(its vae/config.json: {str(exc).splitlines()[0]})") from exc
-    return {"path": model_path, "latents_mean": list(config["latents_mean"]),
-            "latents_std": list(config["latents_std"]),
-            "z_dim": int(config["z_dim"])}
+        family = backbone_for(model_path)
+        config = family.vae_class().load_config(model_path, subfolder="vae")
+    except (OSError, ValueError, ConfigError) as exc:
+        raise DataSourceError(f"encode.model_path={model_path}: not a readable pipeline folder or hub id of a known "
+                              f"family ({str(exc).splitlines()[0]})") from exc
+    keep = ("latents_mean", "latents_std", "z_dim", "scaling_factor", "latent_channels")
+    return {"path": model_path, "family": family.name, "uncond_prompt": family.uncond_prompt,
+            **{k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in config.items() if k in keep}}
 
 
 def _claim_output(fs, root: str, settings: dict, fp: str, overwrite: bool) -> None:
@@ -217,6 +223,9 @@ def run_precache(cfg: PrecacheConfig, *, filesystem_in=None, filesystem_out=None
 
     t0 = time.perf_counter()
     model_path = resolve_model_path(cfg.encode.model_path)
+    model_info = vae_info(model_path)  # fails fast on a wrong model path, before any encoding
+    if cfg.encode.uncond_prompt is None:  # the family's ∅, written into the settings and the manifest
+        cfg = dataclasses.replace(cfg, encode=dataclasses.replace(cfg.encode, uncond_prompt=model_info["uncond_prompt"]))
     fs_in, root_in = filesystem_for(cfg.data.source, filesystem_in)
     fs_out, root = filesystem_for(cfg.output, filesystem_out)
     source_format = detect_format(cfg.data, fs_in, root_in)
@@ -224,7 +233,6 @@ def run_precache(cfg: PrecacheConfig, *, filesystem_in=None, filesystem_out=None
     settings = settings_of(cfg)
     settings["model_path"] = model_path
     fp = fingerprint(settings)
-    model_info = vae_info(model_path)  # fails fast on a wrong model path, before any encoding
     check_model_folder(model_path)  # and on a truncated weight file
     _claim_output(fs_out, root, settings, fp, cfg.overwrite)
 

@@ -161,7 +161,7 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
             files.update({k: f"lora/{v}" for k, v in lora_files.items()})
         if PIPELINE in formats:
             from twinflow.export.pipeline_folder import build_transformer
-            from twinflow.models.pipeline import save_pipeline
+            from twinflow.models.saving import save_pipeline
 
             transformer = build_transformer(weights, base, model_dtype)
             save_pipeline(transformer, base, tmp / "pipeline", presets, cfg.default_steps, model_dtype)

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from twinflow.export.sources import materialise
-from twinflow.models.qwen_image import E2_PREFIX
+from twinflow.models.target_time import E2_PREFIX
 
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
 TARGET_EMBEDDER_FILE = "twinflow_target_embedder.safetensors"

@@ -1,7 +1,7 @@
-"""The trained transformer as a plain module, for a ``TwinFlowQwenImagePipeline`` folder around it.
+"""The trained transformer as a plain module, for a TwinFlow pipeline folder of its family around it.
 
     transformer = build_transformer(weights, base_path, dtype)
-    twinflow.models.pipeline.save_pipeline(transformer, base_path, folder, presets, default_steps, dtype)
+    twinflow.models.saving.save_pipeline(transformer, base_path, folder, presets, default_steps, dtype)
 
 LoRA runs: the base transformer is loaded from the run's base model, the "default" adapter is added
 with the run's settings (rank, alpha, targets), the trained LoRA + E2 are loaded into it (strict)
@@ -11,7 +11,8 @@ tensors as they are (``assign=True``): no second copy of 20B weights is ever mat
 
 The pipeline folder is the base model's folder (VAE, text encoder, tokenizer, scheduler) with the
 trained transformer, saved by diffusers; ``model_index.json`` carries the sampler presets and the
-default NFE, so ``TwinFlowQwenImagePipeline.from_pretrained(folder)(prompt)`` samples as trained.
+default NFE, so ``TwinFlowQwenImagePipeline.from_pretrained(folder)(prompt)`` (or the family's) samples as
+trained. The family is the base model's (models/families.py).
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ from twinflow.export.sources import ExportError, TrainedWeights, materialise
 
 
 def build_transformer(weights: TrainedWeights, base_path: str, dtype: torch.dtype):
-    """The trained TwinFlowQwenImageTransformer2DModel on CPU in ``dtype`` (eval mode, no grad)."""
+    """The trained TwinFlow transformer of the base model's family on CPU in ``dtype`` (eval mode, no grad)."""
     if weights.lora is not None:
         model = _merged_lora(weights, base_path, dtype)
     elif weights.transformer_dir is not None:
-        from twinflow.models.qwen_image import TwinFlowQwenImageTransformer2DModel
+        from twinflow.models.loading import load_twinflow_transformer
 
-        model = TwinFlowQwenImageTransformer2DModel.from_pretrained(weights.transformer_dir, dtype=dtype)
+        model = load_twinflow_transformer(weights.transformer_dir, subfolder=None, torch_dtype=dtype)
     else:
         model = _assembled(weights, base_path, dtype)
     return model.requires_grad_(False).eval()
@@ -36,7 +37,7 @@ def build_transformer(weights: TrainedWeights, base_path: str, dtype: torch.dtyp
 
 def _merged_lora(weights: TrainedWeights, base_path: str, dtype: torch.dtype):
     from twinflow.models.lora import load_lora_state_dict, merge_lora
-    from twinflow.models.qwen_loading import load_twinflow_transformer
+    from twinflow.models.loading import load_twinflow_transformer
 
     settings = weights.source.config.model.lora
     model = load_twinflow_transformer(base_path, subfolder=weights.source.config.model.subfolder or None,
@@ -45,20 +46,19 @@ def _merged_lora(weights: TrainedWeights, base_path: str, dtype: torch.dtype):
         load_lora_state_dict(model, weights.lora)
     except (KeyError, RuntimeError) as exc:
         raise ExportError(f"the trained LoRA does not fit the base model {base_path} with the run's LoRA settings "
-                          f"(rank {settings.rank}, {len(settings.targets)} targets): {str(exc).splitlines()[0][:300]}; "
+                          f"(rank {settings.rank}, {len(settings.targets) or 'default'} targets): "
+                          f"{str(exc).splitlines()[0][:300]}; "
                           f"is --base-model the model the run trained on?") from None
     return merge_lora(model, dtype=dtype)
 
 
 def _assembled(weights: TrainedWeights, base_path: str, dtype: torch.dtype):
-    from accelerate import init_empty_weights
-
-    from twinflow.models.qwen_image import TwinFlowQwenImageTransformer2DModel
+    from twinflow.models.families import backbone_for
 
     subfolder = weights.source.config.model.subfolder or None
-    config = TwinFlowQwenImageTransformer2DModel.load_config(base_path, subfolder=subfolder)
-    with init_empty_weights():
-        model = TwinFlowQwenImageTransformer2DModel.from_config(config)
+    family = backbone_for(str(base_path))
+    config = family.transformer_class().load_config(base_path, subfolder=subfolder)
+    model = family.meta_transformer(config)
     expected = set(model.state_dict())
     given = set(weights.transformer)
     missing, unexpected = sorted(expected - given), sorted(given - expected)

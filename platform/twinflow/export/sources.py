@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from twinflow.config.errors import ConfigError
-from twinflow.models.qwen_image import E2_PREFIX
+from twinflow.models.target_time import E2_PREFIX
 from twinflow.train.config import TrainConfig
 from twinflow.train.state import (
     COMPLETE_PREFIX,

@@ -174,13 +174,13 @@ def pretrain_config(recipe: BaseRecipe, init: Path, cache: Path, runs: Path):
     """The TrainConfig of stage 5: fm(), full-parameter, fp32 on CPU workers, ZeRO-2, from the latent cache."""
     from twinflow.data.config import DatasetConfig
     from twinflow.method.config import fm
-    from twinflow.models.config import QwenImageModelConfig
+    from twinflow.models.config import ModelConfig
     from twinflow.train.config import (DeepSpeedSettings, EncodeSettings, LoggingSettings, OptimConfig, RunSettings,
                                        SampleSettings, ScalingSettings, TrainConfig)
 
     p = recipe.pretrain
     return TrainConfig(
-        model=QwenImageModelConfig(path=str(init), mode="full", dtype="float32", gradient_checkpointing=False),
+        model=ModelConfig(path=str(init), mode="full", dtype="float32", gradient_checkpointing=False),
         data=DatasetConfig(source=str(cache), format="latent_cache", resolution=recipe.resolution),
         encode=EncodeSettings(max_sequence_length=64, device="cpu", dtype="float32"),
         twinflow=dataclasses.replace(fm(), cond_dropout=p.cond_dropout),
@@ -204,7 +204,7 @@ def write_pretrained(recipe: BaseRecipe, init: Path, cache: Path, root: Path, ou
     import torch
     from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
 
-    from twinflow.models.qwen_image import E2_PREFIX
+    from twinflow.models.target_time import E2_PREFIX
     from twinflow.train.trainer import run_training
 
     outcome = run_training(pretrain_config(recipe, init, cache, root / "runs"))

@@ -6,7 +6,7 @@
                   QwenImageVelocity (the method's F)
   qwen_encode.py  prompts → condition, pixels ↔ normalised latents, the uncond prompt
   lora.py         LoRA targets/settings, adapter switching, LoRA-EMA and frozen teachers, merge
-  config.py       QwenImageModelConfig (the ``model:`` config section)
+  config.py       ModelConfig (the ``model:`` config section)
   pipeline.py     TwinFlowQwenImagePipeline (a diffusers pipeline running the any-step sampler)
 
 Import the submodules directly; this package imports nothing heavy.

@@ -1,4 +1,4 @@
-"""The Qwen-Image model config: which checkpoint, LoRA or full, precision, memory switches.
+"""The model config: which checkpoint of which family, LoRA or full, precision, memory switches.
 
 One dataclass, serialised as the ``model:`` section of the training YAML. The teacher *mode*
 (self / ema / frozen) and its decay belong to the method config (``twinflow.teacher``,
@@ -30,11 +30,14 @@ def is_hub_id(path: str) -> bool:
 
 
 @dataclass
-class QwenImageModelConfig:
+class ModelConfig:
     path: str = "Qwen/Qwen-Image"
-    """A diffusers Qwen-Image pipeline: local folder or hub id (a TwinFlow export works too), or a name of
-    twinflow.named that jobs build on first use: tiny / tiny-qwen (random weights), digits-base (the
-    miniature paper's pretrained digits base)."""
+    """A diffusers pipeline of a supported family: local folder or hub id (a TwinFlow export works too), or
+    a name of twinflow.named that jobs build on first use: tiny / tiny-qwen / tiny-sana (random weights),
+    digits-base (the miniature paper's pretrained digits base)."""
+    family: str = "auto"
+    """The model family (models/families.py: qwen-image, sana). auto: read from the folder's
+    model_index.json (or a named model's); a hub id needs it named."""
     subfolder: str = "transformer"
     mode: Literal["lora", "full"] = "lora"
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -49,9 +52,19 @@ class QwenImageModelConfig:
     def torch_dtype(self) -> torch.dtype:
         return torch_dtype(self.dtype)
 
+    def backbone(self):
+        """The family implementation (models/backbone.py) of this model."""
+        from twinflow.models.families import backbone_for
+
+        return backbone_for(self.path, self.family)
+
+    def lora_targets(self) -> list[str]:
+        """``lora.targets``, or the family's default targets when it is empty."""
+        return list(self.lora.targets) or list(self.backbone().default_lora_targets)
+
     def validate(self, path: str = "model") -> None:
         p = path or "model"
-        require(bool(self.path), f"{p}.path", "set it to a diffusers Qwen-Image folder or hub id (Qwen/Qwen-Image)")
+        require(bool(self.path), f"{p}.path", "set it to a diffusers pipeline folder or hub id (Qwen/Qwen-Image)")
         local = Path(self.path).expanduser()
         from twinflow.named import is_named_model
 
@@ -65,6 +78,14 @@ class QwenImageModelConfig:
         else:
             require(is_hub_id(self.path), f"{p}.path",
                     f"{self.path} does not exist locally and is not a hub id like Qwen/Qwen-Image")
+        from twinflow.models.families import AUTO, FAMILIES
+
+        require(self.family == AUTO or self.family in FAMILIES, f"{p}.family",
+                f"unknown family {self.family!r}; choose one of {', '.join(FAMILIES)} or auto")
+        if self.family == AUTO and local.exists():
+            from twinflow.models.families import family_of_folder
+
+            family_of_folder(local)  # a folder of no known family: one line naming its class, now
         require(self.mode in ("lora", "full"), f"{p}.mode", f"must be lora or full, got {self.mode!r}")
         require(self.dtype in DTYPE_NAMES, f"{p}.dtype", f"must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
         require(not (self.ema and self.mode == "full"), f"{p}.ema",

@@ -38,6 +38,7 @@ from torch import nn
 from twinflow.config.errors import ConfigError, require
 from twinflow.dtypes import DTYPE_NAMES, torch_dtype
 from twinflow.method.teacher import EmaDecay, SelfTeacher, Teacher, make_teacher
+from twinflow.models.target_time import E2_NAME as _E2  # one name in every family
 
 # docs/METHOD.md §16 (reference: src/steerers/qwenimage/sft_ddp_lora.py): PEFT suffix names in diffusers' module tree.
 QWEN_IMAGE_LORA_TARGETS: tuple[str, ...] = (
@@ -50,23 +51,33 @@ DEFAULT_ADAPTER = "default"
 EMA_ADAPTER = "ema"
 FAKE_ADAPTER = "fake"
 """DMD2 / VSD's fake score in LoRA mode: a second trained adapter on the one base (method/dmd.py)."""
-_E2 = "time_text_embed_2"
 
 
 @dataclass
 class LoraSettings:
     rank: int = 64
     alpha: float = 64.0
-    targets: list[str] = field(default_factory=lambda: list(QWEN_IMAGE_LORA_TARGETS))
-    """PEFT suffix names; each must match at least one linear layer."""
+    targets: list[str] = field(default_factory=list)
+    """PEFT suffix names; each must match at least one linear layer. Empty: the model family's default
+    targets (``default_lora_targets`` of models/<family>.py; Qwen-Image: QWEN_IMAGE_LORA_TARGETS)."""
     dropout: float = 0.0
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """dtype of the LoRA weights and of E2 (fp32 master weights next to a bf16 base)."""
 
+    def for_transformer(self, transformer: nn.Module) -> "LoraSettings":
+        """These settings with empty targets replaced by the transformer's family default."""
+        if self.targets:
+            return self
+        from dataclasses import replace
+
+        from twinflow.models.families import backbone_for_transformer_class
+
+        family = backbone_for_transformer_class(type(transformer).__name__)
+        return replace(self, targets=list(family.default_lora_targets))
+
     def validate(self, path: str = "model.lora") -> None:
         require(self.rank >= 1, f"{path}.rank", f"must be >= 1, got {self.rank}")
         require(self.alpha > 0, f"{path}.alpha", f"must be > 0, got {self.alpha}")
-        require(len(self.targets) > 0, f"{path}.targets", "must list at least one module name")
         require(0 <= self.dropout < 1, f"{path}.dropout", f"must be in [0, 1), got {self.dropout}")
         require(self.dtype in DTYPE_NAMES, f"{path}.dtype", f"must be one of {', '.join(DTYPE_NAMES)}")
 
@@ -91,8 +102,9 @@ def resolve_targets(transformer: nn.Module, targets: list[str] | tuple[str, ...]
     found = {t: [n for n in linears if _matches(n, t)] for t in targets}
     for t, names in found.items():
         if not names:
+            examples = sorted({n.rsplit(".", 1)[-1] for n in linears})[:6]
             raise ConfigError(f"{path}: {t!r} matches no linear layer of {type(transformer).__name__}; use "
-                              f"suffixes of module names such as {', '.join(QWEN_IMAGE_LORA_TARGETS[:4])}")
+                              f"suffixes of its module names such as {', '.join(examples)}")
     return found
 
 
@@ -100,6 +112,7 @@ def add_lora(transformer: nn.Module, settings: LoraSettings, adapter_name: str =
     """Freeze the base, add a PEFT LoRA adapter, make it and E2 trainable in ``settings.dtype``."""
     from peft import LoraConfig
 
+    settings = settings.for_transformer(transformer)
     settings.validate()
     resolve_targets(transformer, settings.targets)
     # E2's linears share the suffixes timestep_embedder.linear_{1,2}; keep them out of PEFT.

@@ -47,14 +47,6 @@ def default_sampler_presets(steps=PRESET_STEPS, method: str = "twinflow") -> dic
     return {str(k): to_dict(method_sampler(method, k)) for k in sorted(set(steps))}
 
 
-def save_pipeline(transformer, base_path: str, folder, presets: dict, default_steps: int, dtype: torch.dtype) -> None:
-    """Base pipeline components (loaded in ``dtype``) + ``transformer`` + sampler presets -> ``folder``:
-    what a finished run (train/export.py) and the export job both write."""
-    pipe = TwinFlowQwenImagePipeline.from_pretrained(base_path, transformer=transformer, dtype=dtype)
-    pipe.set_sampler_presets(presets, default_steps)
-    pipe.save_pretrained(folder)
-
-
 def _presets_to_json(presets: dict[Any, SamplerConfig | dict]) -> dict[str, dict]:
     out = {}
     for steps, cfg in presets.items():
@@ -66,45 +58,35 @@ def _presets_to_json(presets: dict[Any, SamplerConfig | dict]) -> dict[str, dict
     return out
 
 
-class TwinFlowQwenImagePipeline(QwenImagePipeline):
-    r"""Text-to-image with a TwinFlow Qwen-Image transformer at 1/2/4/N NFE.
+class TwinFlowPipelineMixin:
+    """What every family's TwinFlow pipeline shares (Qwen-Image below, SANA in models/sana.py): the sampler
+    table in the folder's config, loading a plain folder of the family, and the sampling loop over the
+    family's velocity. A pipeline class sets ``TRANSFORMER_CLASS`` and calls ``_register_sampler`` in
+    ``__init__``."""
 
-    Components: transformer (``TwinFlowQwenImageTransformer2DModel``), vae, text_encoder,
-    tokenizer, scheduler (kept for folder compatibility, unused). Config: ``sampler_presets``
-    {"<nfe>": SamplerConfig fields}, ``default_steps``.
-    """
+    TRANSFORMER_CLASS: type = None
 
-    def __init__(self, scheduler: FlowMatchEulerDiscreteScheduler, vae: AutoencoderKLQwenImage, text_encoder,
-                 tokenizer, transformer: TwinFlowQwenImageTransformer2DModel,
-                 sampler_presets: dict | None = None, default_steps: int = DEFAULT_STEPS):
-        from twinflow.models.qwen_encode import skip_unused_logits
-
-        super().__init__(scheduler=scheduler, vae=vae, text_encoder=skip_unused_logits(text_encoder),
-                         tokenizer=tokenizer, transformer=transformer)
+    def _register_sampler(self, sampler_presets: dict | None, default_steps: int) -> None:
         self.register_to_config(sampler_presets=_presets_to_json(sampler_presets or default_sampler_presets()),
                                 default_steps=int(default_steps))
 
-    # ---- loading --------------------------------------------------------------------------
-
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """Load a TwinFlow folder, or a plain Qwen-Image one (its transformer gets E2 copied from E1)."""
+        """Load a TwinFlow folder, or a plain one of the family (its transformer gets E2 copied from E1)."""
         if "transformer" not in kwargs:
             hub = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
             index = cls.load_config(pretrained_model_name_or_path, **hub)
             entry = index.get("transformer") or (None, None)
-            if entry[1] != TwinFlowQwenImageTransformer2DModel.__name__:
+            target = cls.TRANSFORMER_CLASS
+            if entry[1] != target.__name__:
                 dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
                 if isinstance(dtype, dict):
                     dtype = dtype.get("transformer", dtype.get("default"))
                 logger.info("%s holds a plain %s; loading it as %s", pretrained_model_name_or_path, entry[1],
-                            TwinFlowQwenImageTransformer2DModel.__name__)
-                kwargs["transformer"] = TwinFlowQwenImageTransformer2DModel.from_pretrained(
-                    pretrained_model_name_or_path, subfolder="transformer", dtype=dtype, **hub)
+                            target.__name__)
+                kwargs["transformer"] = target.from_pretrained(pretrained_model_name_or_path, subfolder="transformer",
+                                                               dtype=dtype, **hub)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-
-    from_qwen_image = from_pretrained
-    """Alias that says what it is for: build from a plain ``QwenImagePipeline`` folder or hub id."""
 
     # ---- sampler settings -------------------------------------------------------------------
 
@@ -121,6 +103,57 @@ class TwinFlowQwenImagePipeline(QwenImagePipeline):
         cfg = from_dict(SamplerConfig, preset, f"sampler_presets.{steps}") if preset else few_step(steps)
         cfg.validate("sampler")
         return cfg
+
+    def _resolve_sampler(self, num_inference_steps: int | None, sampler: SamplerConfig | None) -> SamplerConfig:
+        if sampler is None:
+            return self.sampler_for(num_inference_steps)
+        if num_inference_steps is not None and num_inference_steps != sampler.steps:
+            raise ValueError(f"num_inference_steps={num_inference_steps} disagrees with sampler.steps="
+                             f"{sampler.steps}; pass one of them")
+        sampler.validate("sampler")
+        return sampler
+
+    def _noise(self, shape: tuple, latents: torch.Tensor | None, generator, device) -> torch.Tensor:
+        if latents is None:
+            return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        if tuple(latents.shape) != tuple(shape):
+            raise ValueError(f"latents must have shape {tuple(shape)}, got {tuple(latents.shape)}")
+        return latents.to(device=device, dtype=torch.float32)
+
+    def _sample(self, velocity, noise: torch.Tensor, cond: dict, cfg: SamplerConfig, generator, device) -> torch.Tensor:
+        """TwinFlow's any-step sampler from ``noise``; ``generator`` one or one per image (as in diffusers)."""
+        if isinstance(generator, list):
+            if len(generator) != noise.shape[0]:
+                raise ValueError(f"got {len(generator)} generators for {noise.shape[0]} images")
+            sampler_gen = [_on_device(g, device) for g in generator]
+        else:
+            sampler_gen = _on_device(generator, device)
+        return sample(velocity, noise, cond, cfg, generator=sampler_gen, model_dtype=velocity.compute_dtype)
+
+
+class TwinFlowQwenImagePipeline(TwinFlowPipelineMixin, QwenImagePipeline):
+    r"""Text-to-image with a TwinFlow Qwen-Image transformer at 1/2/4/N NFE.
+
+    Components: transformer (``TwinFlowQwenImageTransformer2DModel``), vae, text_encoder,
+    tokenizer, scheduler (kept for folder compatibility, unused). Config: ``sampler_presets``
+    {"<nfe>": SamplerConfig fields}, ``default_steps``.
+    """
+
+    TRANSFORMER_CLASS = TwinFlowQwenImageTransformer2DModel
+
+    def __init__(self, scheduler: FlowMatchEulerDiscreteScheduler, vae: AutoencoderKLQwenImage, text_encoder,
+                 tokenizer, transformer: TwinFlowQwenImageTransformer2DModel,
+                 sampler_presets: dict | None = None, default_steps: int = DEFAULT_STEPS):
+        from twinflow.models.qwen_encode import skip_unused_logits
+
+        super().__init__(scheduler=scheduler, vae=vae, text_encoder=skip_unused_logits(text_encoder),
+                         tokenizer=tokenizer, transformer=transformer)
+        self._register_sampler(sampler_presets, default_steps)
+
+    @classmethod
+    def from_qwen_image(cls, pretrained_model_name_or_path, **kwargs):
+        """Alias that says what it is for: build from a plain ``QwenImagePipeline`` folder or hub id."""
+        return cls.from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     # ---- generation -------------------------------------------------------------------------
 
@@ -147,14 +180,7 @@ class TwinFlowQwenImagePipeline(QwenImagePipeline):
         width = width or self.default_sample_size * self.vae_scale_factor
         self.check_inputs(prompt, height, width, prompt_embeds=prompt_embeds, prompt_embeds_mask=prompt_embeds_mask,
                           max_sequence_length=max_sequence_length)
-        if sampler is not None:
-            if num_inference_steps is not None and num_inference_steps != sampler.steps:
-                raise ValueError(f"num_inference_steps={num_inference_steps} disagrees with sampler.steps="
-                                 f"{sampler.steps}; pass one of them")
-            sampler.validate("sampler")
-            cfg = sampler
-        else:
-            cfg = self.sampler_for(num_inference_steps)
+        cfg = self._resolve_sampler(num_inference_steps, sampler)
 
         device = self._execution_device
         # Repeat per image here, not in encode_prompt: diffusers 0.42.1 repeats a 2-D mask with
@@ -174,21 +200,8 @@ class TwinFlowQwenImagePipeline(QwenImagePipeline):
         h = 2 * (int(height) // (self.vae_scale_factor * 2))
         w = 2 * (int(width) // (self.vae_scale_factor * 2))
         channels = self.transformer.config.in_channels // 4
-        if latents is None:
-            noise = randn_tensor((batch, channels, h, w), generator=generator, device=device, dtype=torch.float32)
-        else:
-            if tuple(latents.shape) != (batch, channels, h, w):
-                raise ValueError(f"latents must have shape {(batch, channels, h, w)}, got {tuple(latents.shape)}")
-            noise = latents.to(device=device, dtype=torch.float32)
-
-        velocity = QwenImageVelocity(self.transformer)
-        if isinstance(generator, list):
-            if len(generator) != batch:
-                raise ValueError(f"got {len(generator)} generators for {batch} images")
-            sampler_gen = [_on_device(g, device) for g in generator]
-        else:
-            sampler_gen = _on_device(generator, device)
-        x = sample(velocity, noise, cond, cfg, generator=sampler_gen, model_dtype=velocity.compute_dtype)
+        noise = self._noise((batch, channels, h, w), latents, generator, device)
+        x = self._sample(QwenImageVelocity(self.transformer), noise, cond, cfg, generator, device)
 
         if output_type == "latent":
             images = x

@@ -74,7 +74,7 @@ def build_rig(inputs: PlanInputs, device: str | torch.device = "cpu", seed: int 
     ``init_context``: where the weights are created (e.g. ``torch.device("cuda")``); default: ``device``.
     """
     from twinflow.models.lora import add_lora
-    from twinflow.models.qwen_loading import build_twinflow_transformer
+    from twinflow.models.loading import build_twinflow_transformer
     from twinflow.models.qwen_velocity import QwenImageVelocity
     from twinflow.plan.forwards import worst_case_schedule
 
@@ -138,7 +138,7 @@ def measure_block_saved(inputs: PlanInputs, block: int = 1) -> dict[str, float]:
     (unique storages, parameters excluded). Two forwards with different token counts separate
     the image and text streams' shares."""
     from twinflow.models.lora import add_lora
-    from twinflow.models.qwen_loading import build_twinflow_transformer
+    from twinflow.models.loading import build_twinflow_transformer
     from twinflow.models.qwen_velocity import QwenImageVelocity
 
     arch = resolve_architecture(inputs)

@@ -1,6 +1,6 @@
 """What the memory planner needs to know: one typed config (``PlanInputs``), and GPU sizes.
 
-``model`` and ``twinflow`` are the training job's own sections (``QwenImageModelConfig``,
+``model`` and ``twinflow`` are the training job's own sections (``ModelConfig``,
 ``TwinFlowConfig``), so a training config maps onto this one field for field (presets.py). The
 transformer's architecture comes from ``architecture`` when given, else from ``model.path``:
 ``Qwen/Qwen-Image`` is known without a download (``QWEN_IMAGE_20B_CONFIG``); a local pipeline
@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from twinflow.config.errors import ConfigError, require
 from twinflow.method.config import TwinFlowConfig, twinflow
-from twinflow.models.config import QwenImageModelConfig
+from twinflow.models.config import ModelConfig
 
 MIB = 1024**2
 GIB = 1024**3
@@ -34,7 +34,6 @@ GPU_MEMORY: dict[str, int] = {
 # Memory outside PyTorch's allocator on a CUDA device: the CUDA context, cuBLAS/cuDNN workspaces
 # and kernels' module images (≈ 0.5–0.8 GiB on Hopper with CUDA 12/13; the upper end is used).
 CUDA_CONTEXT_BYTES = int(0.8 * GIB)
-KNOWN_ARCHITECTURES = ("Qwen/Qwen-Image",)
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
@@ -57,7 +56,7 @@ class CommBuffers:
 
 @dataclass
 class PlanInputs:
-    model: QwenImageModelConfig = field(default_factory=QwenImageModelConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
     """Checkpoint, lora/full, LoRA rank/targets/dtype, weights dtype, gradient checkpointing."""
     architecture: dict[str, Any] | None = None
     """Transformer config.json values; None: resolved from ``model.path``."""
@@ -149,8 +148,9 @@ class PlanInputs:
 
 
 def resolve_architecture(inputs: PlanInputs) -> dict[str, Any]:
-    """The transformer config dict to count and plan with (see the module docstring)."""
-    from twinflow.models.qwen_image import QWEN_IMAGE_20B_CONFIG
+    """The transformer config dict to count and plan with (see the module docstring); its ``_class_name``
+    is kept, so that the count builds the model's own family (models/families.py)."""
+    from twinflow.models.families import all_backbones
 
     if inputs.architecture:
         return dict(inputs.architecture)
@@ -160,10 +160,13 @@ def resolve_architecture(inputs: PlanInputs) -> dict[str, Any]:
         for candidate in (local / (inputs.model.subfolder or "") / "config.json", local / "config.json"):
             if candidate.is_file():
                 data = json.loads(candidate.read_text())
-                return {k: v for k, v in data.items() if not k.startswith("_")}
+                return {k: v for k, v in data.items() if not k.startswith("_") or k == "_class_name"}
         raise ConfigError(f"model.path: {path} has no {inputs.model.subfolder}/config.json to read the transformer "
                           "architecture from")
-    if path in KNOWN_ARCHITECTURES:
-        return dict(QWEN_IMAGE_20B_CONFIG)
+    for family in all_backbones():
+        for published in family.published_configs().values():
+            if published.hub_id == path:
+                return {"_class_name": family.transformer_class_names[0], **published.transformer}
+    known = [c.hub_id for b in all_backbones() for c in b.published_configs().values()]
     raise ConfigError(f"model.path: cannot plan {path!r} without its config; use a local pipeline folder, "
-                      f"{', '.join(KNOWN_ARCHITECTURES)}, or set architecture: {{...}} (transformer config.json)")
+                      f"{', '.join(known)}, or set architecture: {{...}} (transformer config.json)")

@@ -182,9 +182,11 @@ def plan_memory(inputs: PlanInputs) -> MemoryPlan:
     inputs.validate()
     inputs.twinflow.validate("twinflow")
     arch = resolve_architecture(inputs)
+    _require_planned_family(arch)
     m = inputs.model
     lora = m.mode == "lora"
-    counts = count_parameters(arch, m.lora.rank if lora else None, tuple(m.lora.targets) if lora else ())
+    targets = tuple(m.lora_targets()) if lora else ()
+    counts = count_parameters(arch, m.lora.rank if lora else None, targets)
     n, z = inputs.num_gpus, inputs.zero_stage
     a, lb = inputs.dtype_bytes, inputs.lora_bytes
     notes: list[str] = []
@@ -266,7 +268,7 @@ def plan_memory(inputs: PlanInputs) -> MemoryPlan:
 
     # ---- transient phases ----------------------------------------------------------------------
     act = ActivationModel(shape=BlockShape.from_architecture(arch), mode=m.mode, act_bytes=a, lora_bytes=lb,
-                          lora_rank=m.lora.rank, wrapped=lora_sites(arch, m.lora.targets) if lora else frozenset(),
+                          lora_rank=m.lora.rank, wrapped=lora_sites(arch, targets) if lora else frozenset(),
                           gradient_checkpointing=m.gradient_checkpointing)
     schedule = worst_case_schedule(inputs.twinflow, rows, n, inputs.grad_accum)
     per_b = reference_counts(inputs.twinflow, rows)
@@ -302,6 +304,21 @@ def plan_memory(inputs: PlanInputs) -> MemoryPlan:
         notes.append("optimizer offload: the AdamW step runs on the host CPU (DeepSpeedCPUAdam); expect slower steps")
     return MemoryPlan(inputs=inputs, architecture=arch, params=counts, static=lines, phases=phases,
                       schedule=schedule, per_b=per_b, activations=act, notes=notes)
+
+
+def _require_planned_family(arch: dict) -> None:
+    """The activation model (activations.py) and the encoder lines know Qwen-Image's blocks only: another
+    family gets its exact parameter count and a ConfigError instead of a plan of the wrong model."""
+    from twinflow.config.errors import ConfigError
+    from twinflow.models.families import backbone_for_transformer_class
+
+    name = arch.get("_class_name")
+    family = backbone_for_transformer_class(name) if name else None
+    if family is not None and family.name != "qwen-image":
+        total = count_parameters(arch).total
+        raise ConfigError(f"model.family: the memory planner models Qwen-Image's blocks, not {family.name}'s: no "
+                          f"per-GPU plan for this model ({total / 1e6:,.2f}M parameters with E2, counted on the meta "
+                          f"device)")
 
 
 def _teacher_copy(inputs: PlanInputs, counts: ParamCounts, a: int, lb: int, notes: list[str]) -> float:

@@ -58,7 +58,7 @@ def meta_transformer(architecture: dict[str, Any]) -> nn.Module:
     """The TwinFlow transformer of ``architecture`` on the meta device."""
     from accelerate import init_empty_weights
 
-    from twinflow.models.qwen_loading import build_twinflow_transformer
+    from twinflow.models.loading import build_twinflow_transformer
 
     return build_twinflow_transformer(dict(architecture), init_context=init_empty_weights())
 
@@ -76,7 +76,7 @@ def count_parameters(architecture: dict[str, Any], lora_rank: int | None = None,
 
 @functools.lru_cache(maxsize=32)
 def _count(key: str, lora_rank: int | None, lora_targets: tuple[str, ...]) -> ParamCounts:
-    from twinflow.models.lora import resolve_targets
+    from twinflow.models.lora import LoraSettings, resolve_targets
 
     model = meta_transformer(json.loads(key))
     total = sum(p.numel() for p in model.parameters())
@@ -84,7 +84,8 @@ def _count(key: str, lora_rank: int | None, lora_targets: tuple[str, ...]) -> Pa
     e2 = getattr(model, "time_text_embed_2", None)
     lora = layers = 0
     if lora_rank:
-        found = resolve_targets(model, list(lora_targets))
+        targets = LoraSettings(targets=list(lora_targets)).for_transformer(model).targets  # empty: the family's
+        found = resolve_targets(model, targets)
         modules = dict(model.named_modules())
         wrapped = sorted({name for names in found.values() for name in names})
         for name in wrapped:

@@ -11,7 +11,7 @@ For the training job (its config class lives in twinflow/train, not here):
   plan_inputs_from_values(model, twinflow, zero_stage=…, micro_batch=…, …) -> PlanInputs
       plain values, nothing guessed; the explicit way.
   plan_from_train_config(cfg, **overrides) -> MemoryPlan
-      reads ``cfg.model`` (QwenImageModelConfig) and ``cfg.twinflow`` (TwinFlowConfig), and finds
+      reads ``cfg.model`` (ModelConfig) and ``cfg.twinflow`` (TwinFlowConfig), and finds
       the rest under the dotted names listed in ``TRAIN_CONFIG_FIELDS`` (first match wins);
       ``overrides`` (PlanInputs field names) win over the config. A value found nowhere keeps
       PlanInputs' default, except those in ``REQUIRED``, which raise ConfigError naming the fields tried.
@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from twinflow.config.errors import ConfigError
 from twinflow.method.config import TwinFlowConfig, twinflow
-from twinflow.models.config import QwenImageModelConfig
+from twinflow.models.config import ModelConfig
 from twinflow.models.lora import LoraSettings
 from twinflow.plan.inputs import PlanInputs
 
@@ -36,19 +36,19 @@ def tiny_architecture(preset: str = "tiny") -> dict[str, Any]:
 
 
 def qwen_image_lora_512() -> PlanInputs:
-    return PlanInputs(model=QwenImageModelConfig(mode="lora", lora=LoraSettings(rank=64)), twinflow=twinflow(),
+    return PlanInputs(model=ModelConfig(mode="lora", lora=LoraSettings(rank=64)), twinflow=twinflow(),
                       num_gpus=8, zero_stage=2, micro_batch=4, height=512, width=512, text_tokens=256, gpu="h100")
 
 
 def qwen_image_full_zero3_1024() -> PlanInputs:
-    return PlanInputs(model=QwenImageModelConfig(mode="full"), twinflow=twinflow(), num_gpus=64, zero_stage=3,
+    return PlanInputs(model=ModelConfig(mode="full"), twinflow=twinflow(), num_gpus=64, zero_stage=3,
                       micro_batch=2, height=1024, width=1024, text_tokens=256, gpu="h100")
 
 
 def tiny() -> PlanInputs:
     from twinflow.models.tiny_qwen import TINY_PRESETS
 
-    return PlanInputs(model=QwenImageModelConfig(path="tiny", mode="lora", lora=LoraSettings(rank=4),
+    return PlanInputs(model=ModelConfig(path="tiny", mode="lora", lora=LoraSettings(rank=4),
                                                  dtype="float32"),
                       architecture=tiny_architecture("tiny"), twinflow=twinflow(), num_gpus=1, zero_stage=0,
                       micro_batch=6, height=64, width=64, text_tokens=16,
@@ -67,7 +67,7 @@ PLAN_PRESETS: dict[str, Callable[[], PlanInputs]] = {
 # ---------------------------------------------------------------------------
 
 
-def plan_inputs_from_values(model: QwenImageModelConfig, twinflow_cfg: TwinFlowConfig | None = None, *,
+def plan_inputs_from_values(model: ModelConfig, twinflow_cfg: TwinFlowConfig | None = None, *,
                             num_gpus: int = 1, zero_stage: int = 2, offload_optimizer: bool = False,
                             offload_params: bool = False, micro_batch: int = 4, grad_accum: int = 1,
                             resolution: int | tuple[int, int] = 512, text_tokens: int = 256,
@@ -134,8 +134,8 @@ def plan_from_train_config(cfg: Any, **overrides: Any):
     from twinflow.plan.memory import plan_memory
 
     found, model = _lookup(cfg, "model")
-    if not found or not isinstance(model, QwenImageModelConfig):
-        raise ConfigError("model: the memory plan needs a QwenImageModelConfig at cfg.model; call "
+    if not found or not isinstance(model, ModelConfig):
+        raise ConfigError("model: the memory plan needs a ModelConfig at cfg.model; call "
                           "twinflow.plan.plan_inputs_from_values(...) with plain values instead")
     found, tw = _lookup(cfg, "twinflow")
     if not found or not isinstance(tw, TwinFlowConfig):

@@ -1,6 +1,6 @@
 """The training job's config tree (``jobs/train_qwen.py``): one dataclass per section.
 
-    model      QwenImageModelConfig   which checkpoint, LoRA or full, dtype, gradient checkpointing
+    model      ModelConfig   which checkpoint, LoRA or full, dtype, gradient checkpointing
     data       DatasetConfig          raw image-text shards or a latent cache (twinflow.data)
     encode     EncodeSettings         in-worker encoding of raw data and of the sample prompts
     twinflow   TwinFlowConfig         the objective: λ / block weights, teacher, losses
@@ -34,7 +34,7 @@ from twinflow.method.blocks import BatchLayout, BlockWeights, block_counts
 from twinflow.method.config import TwinFlowConfig
 from twinflow.method.dmd import DMDConfig, dmd2, vsd
 from twinflow.method.meanflow import MeanFlowConfig, SCMConfig
-from twinflow.models.config import QwenImageModelConfig
+from twinflow.models.config import ModelConfig
 from twinflow.ray_resources import TRAIN
 
 TINY_MODEL = "tiny"
@@ -299,7 +299,7 @@ class DebugSettings:
 
 @dataclass
 class TrainConfig:
-    model: QwenImageModelConfig = field(default_factory=QwenImageModelConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
     data: DatasetConfig = field(default_factory=DatasetConfig)
     encode: EncodeSettings = field(default_factory=EncodeSettings)
     method: Literal["twinflow", "meanflow", "scm", "dmd2", "vsd"] = "twinflow"

@@ -31,7 +31,7 @@ def load_velocity(cfg: TrainConfig, model_path: str, ds_config: dict):
     built (ZeRO-3). The student, and under ZeRO-3 DMD's fake and real copies (train/fake_score.py)."""
     import deepspeed
 
-    from twinflow.models.qwen_loading import build_velocity_model
+    from twinflow.models.loading import build_velocity_model
 
     mcfg = dataclasses.replace(cfg.model, path=model_path)
     if ds_config["zero_optimization"]["stage"] == 3:

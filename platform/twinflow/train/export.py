@@ -49,12 +49,11 @@ def gather_transformer(engine, cfg: TrainConfig, rank: int):
     from accelerate import init_empty_weights
 
     from twinflow.models.lora import add_lora
-    from twinflow.models.qwen_image import TwinFlowQwenImageTransformer2DModel
 
     # A meta-device skeleton that takes the gathered tensors as they are (assign=True): at 20B a
     # materialised fp32 model next to the gathered state dict would need ~120 GB of host memory.
     with init_empty_weights():
-        plain = TwinFlowQwenImageTransformer2DModel.from_config(dict(velocity.transformer.config))
+        plain = type(velocity.transformer).from_config(dict(velocity.transformer.config))
         if cfg.is_lora:
             add_lora(plain, cfg.model.lora)
     state = {k[len(MODULE_PREFIX):]: v for k, v in state.items() if k.startswith(MODULE_PREFIX)}
@@ -105,7 +104,8 @@ def export_pipeline(transformer, cfg: TrainConfig, model_path: str, folder: Path
     (LoRA merged), with the default sampler presets (the export job's defaults too)."""
     from twinflow.models.lora import is_lora, merge_lora
     from twinflow.method.sampler import PRESET_STEPS, RIVAL_PRESET_STEPS
-    from twinflow.models.pipeline import DEFAULT_STEPS, default_sampler_presets, save_pipeline
+    from twinflow.models.pipeline import DEFAULT_STEPS, default_sampler_presets
+    from twinflow.models.saving import save_pipeline
 
     trained = copy.deepcopy(transformer).to("cpu")
     if is_lora(trained):

@@ -62,7 +62,7 @@ class FakeScore:
             real = AdapterVelocity(velocity, transformer, None)
             context = partial(fake_adapter_training, transformer)
         else:
-            from twinflow.models.qwen_loading import build_velocity_model
+            from twinflow.models.loading import build_velocity_model
 
             mcfg = dataclasses.replace(cfg.model, path=model_path)
             fake = build_velocity_model(mcfg).to(next(velocity.parameters()).device)

@@ -13,8 +13,8 @@ from __future__ import annotations
 from twinflow.data.config import DatasetConfig
 from twinflow.data.digits import digit_prompts
 from twinflow.method.config import TwinFlowConfig
-from twinflow.models.config import QwenImageModelConfig
-from twinflow.models.lora import LoraSettings
+from twinflow.models.config import ModelConfig
+from twinflow.models.lora import QWEN_IMAGE_LORA_TARGETS, LoraSettings
 from twinflow.train.config import (DIGITS_SOURCE, TINY_MODEL, DeepSpeedSettings, EncodeSettings, LoggingSettings,
                                    OptimConfig, ProbeSettings, RunSettings, SampleSettings, ScalingSettings,
                                    TrainConfig)
@@ -27,7 +27,7 @@ def digits() -> TrainConfig:
     generator: its latent cache through Ray Train + DeepSpeed ZeRO-2 on 2 CPU workers. The grid shows
     the base at 100 and 1 NFE beside TwinFlow at 1/2/4; the digits probe scores both at the end."""
     return TrainConfig(
-        model=QwenImageModelConfig(path=DIGITS_BASE, mode="lora", ema=True, gradient_checkpointing=False,
+        model=ModelConfig(path=DIGITS_BASE, mode="lora", ema=True, gradient_checkpointing=False,
                                    dtype="float32", lora=LoraSettings(rank=16, alpha=16.0)),
         data=DatasetConfig(source=DIGITS_BASE, format="latent_cache", resolution=32),
         encode=EncodeSettings(max_sequence_length=64, device="cpu", dtype="float32"),
@@ -51,7 +51,7 @@ def digits() -> TrainConfig:
 def digits_full() -> TrainConfig:
     """The demo distillation full-parameter: every weight and E2 train (self teacher, as at 20B)."""
     cfg = digits()
-    cfg.model = QwenImageModelConfig(path=DIGITS_BASE, mode="full", dtype="float32", gradient_checkpointing=False)
+    cfg.model = ModelConfig(path=DIGITS_BASE, mode="full", dtype="float32", gradient_checkpointing=False)
     cfg.twinflow = TwinFlowConfig(teacher="self", enhance_ratio=0.0)
     cfg.optim = OptimConfig(lr=5e-4, schedule="cosine", warmup_steps=20, min_lr_ratio=0.1)
     cfg.run.name = "digits-twinflow-full"
@@ -61,7 +61,7 @@ def tiny() -> TrainConfig:
     """The no-argument default: tiny random-weight Qwen-Image, sklearn digits, 2 CPU workers, ZeRO-2 LoRA
     with a LoRA-EMA teacher, local storage under ./runs; a few minutes on 2 cores."""
     return TrainConfig(
-        model=QwenImageModelConfig(path=TINY_MODEL, mode="lora", ema=True, gradient_checkpointing=False,
+        model=ModelConfig(path=TINY_MODEL, mode="lora", ema=True, gradient_checkpointing=False,
                                    dtype="float32", lora=LoraSettings(rank=8, alpha=8.0)),
         data=DatasetConfig(source=DIGITS_SOURCE, format="parquet", resolution=64, min_size=16,
                            decode_batch_rows=32, decode_num_cpus=0.5),
@@ -82,8 +82,9 @@ def qwen_image_lora() -> TrainConfig:
     """Qwen-Image 20B, LoRA r64 (the reference's 2-order LoRA recipe, docs/METHOD.md §16), ZeRO-2, bf16,
     one 8-GPU node, pre-cached latents on S3. jobs/configs/qwen_image_lora.yaml serialises it."""
     return TrainConfig(
-        model=QwenImageModelConfig(path="Qwen/Qwen-Image", mode="lora", ema=True, dtype="bfloat16",
-                                   gradient_checkpointing=True, lora=LoraSettings(rank=64, alpha=64.0)),
+        model=ModelConfig(path="Qwen/Qwen-Image", family="qwen-image", mode="lora", ema=True, dtype="bfloat16",
+                          gradient_checkpointing=True,
+                          lora=LoraSettings(rank=64, alpha=64.0, targets=list(QWEN_IMAGE_LORA_TARGETS))),
         data=DatasetConfig(source="s3://your-bucket/qwen-image/latents-512", format="latent_cache", resolution=512),
         twinflow=TwinFlowConfig(teacher="ema", teacher_ema_decay=0.99, enhance_ratio=0.8),
         optim=OptimConfig(lr=1e-4, betas=(0.9, 0.99)),
@@ -98,7 +99,8 @@ def qwen_image_lora() -> TrainConfig:
 def qwen_image_full_zero3() -> TrainConfig:
     """Qwen-Image 20B full-parameter (E2 target-time embedder), ZeRO-3 over two 8-GPU nodes, bf16."""
     return TrainConfig(
-        model=QwenImageModelConfig(path="Qwen/Qwen-Image", mode="full", dtype="bfloat16", gradient_checkpointing=True),
+        model=ModelConfig(path="Qwen/Qwen-Image", family="qwen-image", mode="full", dtype="bfloat16",
+                          gradient_checkpointing=True, lora=LoraSettings(targets=list(QWEN_IMAGE_LORA_TARGETS))),
         data=DatasetConfig(source="s3://your-bucket/qwen-image/latents-512", format="latent_cache", resolution=512),
         twinflow=TwinFlowConfig(teacher="self", enhance_ratio=0.8),
         optim=OptimConfig(lr=1e-5, betas=(0.9, 0.99)),

@@ -25,19 +25,19 @@ class SampleGrid:
     def __init__(self, settings: SampleSettings, model_path: str, rank: int, world: int, zero3: bool,
                  device: torch.device, encoder=None, max_sequence_length: int = 512, encode_dtype: str = "auto",
                  probe_prompts: list[str] | None = None):
-        """``encoder``: an already loaded twinflow.data.encode.QwenImageEncoder to reuse (raw data);
+        """``encoder``: an already loaded twinflow.data.encode.PipelineEncoder to reuse (raw data);
         ``probe_prompts``: prompts the quality probe renders (encoded now, while the encoder is loaded)."""
-        from diffusers import AutoencoderKLQwenImage
+        from twinflow.models.families import backbone_for
 
+        self.backbone = backbone_for(model_path)
         self.settings = settings
         self.rank = rank
         self.device = device
         self.all_ranks = zero3
         self.active = rank == 0 or zero3
         self.rows = [(p, s) for p in settings.prompts for s in settings.seeds]
-        vae_cfg = AutoencoderKLQwenImage.load_config(model_path, subfolder="vae")
-        factor = 2 ** len(vae_cfg["temperal_downsample"])
-        self.latent_hw = (2 * (settings.height // (factor * 2)), 2 * (settings.width // (factor * 2)))
+        vae_cfg = self.backbone.vae_class().load_config(model_path, subfolder="vae")
+        self.latent_hw = self.backbone.latent_grid(vae_cfg, settings.height, settings.width)
         self.cond: dict[str, torch.Tensor] | None = None
         self.probe_cond: dict[str, torch.Tensor] | None = None
         self.base_columns: list[torch.Tensor] = []
@@ -45,9 +45,9 @@ class SampleGrid:
         if rank == 0:
             own = encoder is None
             if own:
-                from twinflow.data.encode import QwenImageEncoder
+                from twinflow.data.encode import PipelineEncoder
 
-                encoder = QwenImageEncoder(model_path, device=str(device), dtype=encode_dtype,
+                encoder = PipelineEncoder(model_path, device=str(device), dtype=encode_dtype,
                                            max_sequence_length=max_sequence_length)
             from twinflow.data.encode import pad_prompts
 
@@ -70,7 +70,7 @@ class SampleGrid:
 
     def _inputs(self, velocity: torch.nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The fixed noise (one seed per row) and the rows' prompt condition, on the device."""
-        channels = velocity.transformer.config.in_channels // 4
+        channels = self.backbone.latent_channels(velocity.transformer.config)
         h, w = self.latent_hw
         cond = {k: v.to(self.device) for k, v in self.cond.items()}
         noise = torch.stack([torch.randn((channels, h, w), generator=torch.Generator().manual_seed(seed))
@@ -94,8 +94,7 @@ class SampleGrid:
         finally:
             velocity.train(was_training)
         if self.rank == 0:
-            from twinflow.models.qwen_encode import decode_latents
-
+            decode_latents = self.backbone.decode_latents
             self.base_columns = [decode_latents(self.vae, x).cpu() for x in latents]
 
     @torch.no_grad()
@@ -104,7 +103,7 @@ class SampleGrid:
         from fixed seeds; rank 0 (None elsewhere); every rank must call it under ZeRO-3."""
         if not self.active:
             return None
-        channels = velocity.transformer.config.in_channels // 4
+        channels = self.backbone.latent_channels(velocity.transformer.config)
         h, w = self.latent_hw
         n_prompts = next(iter(self.probe_cond.values())).shape[0]
         rows = torch.arange(n_prompts).repeat_interleave(per_prompt)
@@ -121,8 +120,7 @@ class SampleGrid:
             velocity.train(was_training)
         if self.rank != 0:
             return None
-        from twinflow.models.qwen_encode import decode_latents
-
+        decode_latents = self.backbone.decode_latents
         return torch.cat([decode_latents(self.vae, x[i:i + 256]).cpu() for i in range(0, len(x), 256)])
 
     @torch.no_grad()
@@ -143,8 +141,7 @@ class SampleGrid:
             velocity.train(was_training)
         if self.rank != 0:
             return None
-        from twinflow.models.qwen_encode import decode_latents
-
+        decode_latents = self.backbone.decode_latents
         images = [decode_latents(self.vae, x).cpu() for x in columns]  # per column: [rows, 3, H, W] in [0, 1]
         labels = [f"{n} NFE" for n in self.settings.nfe]
         if self.base_columns:

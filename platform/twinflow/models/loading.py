@@ -1,4 +1,4 @@
-"""Building and loading the TwinFlow Qwen-Image transformer, ready to train.
+"""Building and loading a TwinFlow transformer of any family, ready to train.
 
 Building for 20B: ``load_twinflow_transformer`` goes through diffusers' ``from_pretrained`` (meta
 init, then weights streamed in on CPU) or, with ``init_context`` (e.g. ``deepspeed.zero.Init``),
@@ -6,6 +6,8 @@ builds the module inside that context and streams the safetensors shards in modu
 through ``gather_context`` (e.g. ``GatheredParameters(params, modifier_rank=0)``).
 ``build_twinflow_transformer(config)`` makes random weights from a config (``QWEN_IMAGE_20B_CONFIG``
 is the real model's) for memory checks. ``build_velocity_model(model_config)`` is what training calls.
+The family's TwinFlow class comes from the folder (``models/families.py``) unless ``cls`` names it: the
+same code streams a Qwen-Image, a SANA or any other family's checkpoint.
 """
 
 from __future__ import annotations
@@ -19,8 +21,7 @@ from typing import Any, Callable, ContextManager
 import torch
 from torch import nn
 
-from twinflow.models.qwen_image import E2_PREFIX, QWEN_IMAGE_20B_CONFIG, TwinFlowQwenImageTransformer2DModel
-from twinflow.models.qwen_velocity import QwenImageVelocity
+from twinflow.models.target_time import E2_PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -31,27 +32,41 @@ logger = logging.getLogger(__name__)
 
 
 def build_twinflow_transformer(config: dict[str, Any] | None = None, torch_dtype: torch.dtype | None = None,
-                               init_context: ContextManager | None = None) -> TwinFlowQwenImageTransformer2DModel:
-    """Random-weight TwinFlow transformer from a config dict (default: the real 20B one).
+                               init_context: ContextManager | None = None, cls: type | None = None) -> nn.Module:
+    """Random-weight TwinFlow transformer from a config dict (default: the real Qwen-Image 20B one).
 
     ``init_context`` decides where the weights live: ``accelerate.init_empty_weights()`` (meta,
     no memory), ``deepspeed.zero.Init(...)`` (partitioned), or None (CPU, fully allocated).
-    E2 is copy-initialised from E1 when the weights are materialised.
+    E2 is copy-initialised from E1 when the weights are materialised. ``cls``: the TwinFlow class
+    (default: the family the config's ``_class_name`` names, else Qwen-Image).
     """
-    cfg = dict(QWEN_IMAGE_20B_CONFIG if config is None else config)
-    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    if config is None:
+        from twinflow.models.qwen_image import QWEN_IMAGE_20B_CONFIG
+
+        config = QWEN_IMAGE_20B_CONFIG
+    cls = cls or _class_for_config(config)
+    cfg = {k: v for k, v in dict(config).items() if not k.startswith("_")}
     with _default_dtype(torch_dtype), (init_context or contextlib.nullcontext()):
-        model = TwinFlowQwenImageTransformer2DModel.from_config(cfg)
+        model = cls.from_config(cfg)
     return model
+
+
+def _class_for_config(config: dict) -> type:
+    """The TwinFlow class of a transformer config: its ``_class_name``'s family; a bare dict (no class name,
+    as in the tests' and planner's configs) is Qwen-Image's, the platform's first family."""
+    from twinflow.models.families import backbone, backbone_for_transformer_class
+
+    name = config.get("_class_name")
+    return (backbone_for_transformer_class(name) if name else backbone("qwen-image")).transformer_class()
 
 
 def load_twinflow_transformer(path_or_hub_id: str | Path, subfolder: str | None = "transformer",
                               torch_dtype: torch.dtype | None = None, lora: Any = None, ema_adapter: bool = False,
                               gradient_checkpointing: bool = False, init_context: ContextManager | None = None,
                               gather_context: Callable[[list], ContextManager] | None = None,
-                              full_trainable: bool = False,
-                              **from_pretrained_kwargs) -> TwinFlowQwenImageTransformer2DModel:
-    """Load a Qwen-Image (or TwinFlow) transformer the way diffusers does, ready to train.
+                              full_trainable: bool = False, cls: type | None = None,
+                              **from_pretrained_kwargs) -> nn.Module:
+    """Load a transformer of any family (plain or TwinFlow) the way diffusers does, ready to train.
 
     path_or_hub_id   a local pipeline folder or hub id (``Qwen/Qwen-Image``); ``subfolder`` picks the
                      transformer (None when the path *is* the transformer folder).
@@ -66,14 +81,15 @@ def load_twinflow_transformer(path_or_hub_id: str | Path, subfolder: str | None 
     gather_context   with ``init_context``: ``params -> context manager`` that makes those params whole
                      while they are written (``lambda ps: deepspeed.zero.GatheredParameters(ps,
                      modifier_rank=0)``); default: nothing to gather.
+    cls              the family's TwinFlow transformer class (default: the one the transformer's
+                     config.json ``_class_name`` belongs to, models/families.py).
     """
+    config = _config_reader().load_config(path_or_hub_id, subfolder=subfolder, **_hub_kwargs(from_pretrained_kwargs))
+    cls = cls or _class_for_config(config)
     if init_context is None:
-        model = TwinFlowQwenImageTransformer2DModel.from_pretrained(
-            path_or_hub_id, subfolder=subfolder, dtype=torch_dtype, **from_pretrained_kwargs)
+        model = cls.from_pretrained(path_or_hub_id, subfolder=subfolder, dtype=torch_dtype, **from_pretrained_kwargs)
     else:
-        config = TwinFlowQwenImageTransformer2DModel.load_config(path_or_hub_id, subfolder=subfolder,
-                                                                 **_hub_kwargs(from_pretrained_kwargs))
-        model = build_twinflow_transformer(config, torch_dtype=torch_dtype, init_context=init_context)
+        model = build_twinflow_transformer(config, torch_dtype=torch_dtype, init_context=init_context, cls=cls)
         folder = _resolve_folder(path_or_hub_id, subfolder, from_pretrained_kwargs)
         load_weights_into(model, folder, gather_context=gather_context)
     if gradient_checkpointing:
@@ -91,23 +107,24 @@ def load_twinflow_transformer(path_or_hub_id: str | Path, subfolder: str | None 
 
 def build_velocity_model(cfg, init_context: ContextManager | None = None,
                          gather_context: Callable[[list], ContextManager] | None = None,
-                         **from_pretrained_kwargs) -> QwenImageVelocity:
-    """``QwenImageModelConfig`` (models/config.py) -> a trainable ``QwenImageVelocity``.
+                         **from_pretrained_kwargs) -> nn.Module:
+    """``ModelConfig`` (models/config.py) -> the family's trainable velocity network F(x_t, t, r, cond).
 
     Full mode: every parameter trainable. LoRA mode: base frozen, "default" adapter + E2
     trainable, plus the frozen "ema" adapter when ``cfg.ema``.
     """
     cfg.validate()
+    backbone = cfg.backbone()
     transformer = load_twinflow_transformer(
-        cfg.path, subfolder=cfg.subfolder or None, torch_dtype=cfg.torch_dtype,
+        cfg.path, cls=backbone.transformer_class(), subfolder=cfg.subfolder or None, torch_dtype=cfg.torch_dtype,
         lora=cfg.lora if cfg.mode == "lora" else None, ema_adapter=cfg.ema and cfg.mode == "lora",
         gradient_checkpointing=cfg.gradient_checkpointing, init_context=init_context,
         gather_context=gather_context, full_trainable=cfg.mode == "full", **from_pretrained_kwargs)
     transformer.train()
-    return QwenImageVelocity(transformer)
+    return backbone.velocity(transformer)
 
 
-def load_weights_into(model: TwinFlowQwenImageTransformer2DModel, folder: str | Path,
+def load_weights_into(model: nn.Module, folder: str | Path,
                       gather_context: Callable[[list], ContextManager] | None = None) -> list[str]:
     """Stream a diffusers safetensors checkpoint (single or sharded) into ``model``, module by module.
 
@@ -155,8 +172,8 @@ def load_weights_into(model: TwinFlowQwenImageTransformer2DModel, folder: str | 
         handles.clear()
     if model.config.target_time_embed and not any(k.startswith(E2_PREFIX) for k in weight_map):
         model.init_target_embedder_from_main(gather_context)
-        logger.info("%s has no target-time embedder (time_text_embed_2): copy-initialised it from "
-                    "time_text_embed", folder)
+        logger.info("%s has no target-time embedder (%s): copy-initialised it from %s", folder,
+                    E2_PREFIX[:-1], getattr(model, "E1_PATH", "E1"))
     return [k for k in weight_map if k not in expected]
 
 
@@ -185,6 +202,17 @@ def _resolve_folder(path_or_hub_id, subfolder, kwargs) -> Path:
     root = Path(snapshot_download(str(path_or_hub_id), allow_patterns=[f"{subfolder}/*"] if subfolder else None,
                                   **_hub_kwargs(kwargs)))
     return root / subfolder if subfolder else root
+
+
+def _config_reader() -> type:
+    """A diffusers ConfigMixin that reads any model's config.json (``load_config`` is a classmethod that only
+    needs ``config_name``), so the family can be told from the config before its class is chosen."""
+    from diffusers.configuration_utils import ConfigMixin
+
+    class ModelConfigReader(ConfigMixin):
+        config_name = "config.json"
+
+    return ModelConfigReader
 
 
 def _hub_kwargs(kwargs: dict) -> dict:
