@@ -186,6 +186,31 @@ def test_resubmission_with_another_model_or_sharding_is_refused(tmp_path):
         check_resubmission(storage, lam)
 
 
+def test_a_run_recorded_with_spelled_out_family_defaults_resumes_under_the_new_defaults(tmp_path):
+    """Runs recorded before model.family and "empty LoRA targets = the family's" existed name Qwen-Image's
+    targets and no family; resubmitted with today's defaults they are the same model, another target set is not."""
+    import yaml
+
+    from twinflow.models.lora import QWEN_IMAGE_LORA_TARGETS
+    from twinflow.train.prepare import check_resubmission
+    from twinflow.train.storage import RunStorage
+
+    cfg = tiny()
+    storage = RunStorage.for_run(str(tmp_path), "old-run")
+    check_resubmission(storage, cfg)
+    record = tmp_path / "old-run" / "config.yaml"
+    old = yaml.safe_load(record.read_text())
+    del old["model"]["family"]
+    old["model"]["lora"]["targets"] = list(QWEN_IMAGE_LORA_TARGETS)
+    record.write_text(yaml.safe_dump(old))
+    assert cfg.model.family == "auto" and cfg.model.lora.targets == []
+    assert check_resubmission(storage, cfg) is True
+    fewer = dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, lora=dataclasses.replace(cfg.model.lora, targets=["to_q", "to_k"])))
+    with pytest.raises(ConfigError, match=r"model\.lora\.targets"):
+        check_resubmission(storage, fewer)
+
+
 # ---------------------------------------------------------------------------
 # ZeRO-3: the network-pass bound
 # ---------------------------------------------------------------------------

@@ -111,7 +111,7 @@ def config_difference(old: dict, new: dict, fixed: tuple[str, ...] = (),
 
 
 def check_same_config(storage: RunStorage, file: str, cfg, refusal: str, fixed: tuple[str, ...] = (),
-                      may_change: tuple[str, ...] = ()) -> bool:
+                      may_change: tuple[str, ...] = (), normalise=None) -> bool:
     """The "same run, same config?" check of a re-submission (runs here, sweeps in tune/sweep.py).
 
     The first submission records ``cfg`` as ``file`` in ``storage``; a later one is compared with that
@@ -125,7 +125,10 @@ def check_same_config(storage: RunStorage, file: str, cfg, refusal: str, fixed: 
         old = to_dict(from_dict(type(cfg), old))
     except ConfigError:
         pass  # a field since removed or renamed: compare the record as written
-    diff = config_difference(old, to_dict(cfg), fixed, may_change)
+    new = to_dict(cfg)
+    if normalise is not None:  # defaults that resolve to the same thing compare equal (e.g. "the family's")
+        old, new = normalise(old), normalise(new)
+    diff = config_difference(old, new, fixed, may_change)
     if diff:
         raise ConfigError(refusal.format(uri=storage.uri(), diff=diff))
     return True
@@ -133,6 +136,25 @@ def check_same_config(storage: RunStorage, file: str, cfg, refusal: str, fixed: 
 
 def check_resubmission(storage: RunStorage, cfg: TrainConfig) -> bool:
     """Record the config of a new run, or check a re-submitted one; True when the run existed."""
-    return check_same_config(storage, CONFIG_FILE, cfg, fixed=RESUME_FIXED,
+    return check_same_config(storage, CONFIG_FILE, cfg, fixed=RESUME_FIXED, normalise=resolved_model_section,
                              refusal="run.name: {uri} already holds a run and {diff}; re-submit with the same "
                                      "settings to resume it, or choose a new run.name")
+
+
+def resolved_model_section(config: dict) -> dict:
+    """``config`` with ``model.family: auto`` and empty ``model.lora.targets`` replaced by what they resolve
+    to, so that a run recorded before those defaults existed (or with them spelled out) resumes."""
+    from twinflow.config.tree import from_dict as _from_dict
+    from twinflow.models.config import ModelConfig
+
+    out = copy.deepcopy(config)
+    model = out.get("model")
+    if not isinstance(model, dict):
+        return out
+    try:
+        mcfg = _from_dict(ModelConfig, model, "model")
+        model["family"] = mcfg.backbone().name
+        model.setdefault("lora", {})["targets"] = mcfg.lora_targets()
+    except (ConfigError, OSError, ValueError):
+        pass  # unresolvable here: compare as written
+    return out

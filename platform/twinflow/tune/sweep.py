@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twinflow.config.tree import to_dict
-from twinflow.train.prepare import check_same_config
+from twinflow.train.prepare import check_same_config, resolved_model_section
 from twinflow.train.storage import RunStorage
 from twinflow.tune.config import SweepConfig
 from twinflow.tune.resources import TRIAL_DRIVER, cluster_capacity, max_concurrent, per_trial_need
@@ -72,9 +72,17 @@ def param_space(cfg: SweepConfig) -> dict[str, Any]:
 
 def check_rerun(storage: RunStorage, cfg: SweepConfig) -> bool:
     """Record sweep.yaml on the first run; on a re-run refuse a different sweep. True: it existed."""
-    return check_same_config(storage, SWEEP_FILE, cfg, may_change=MAY_CHANGE,
+    return check_same_config(storage, SWEEP_FILE, cfg, may_change=MAY_CHANGE, normalise=_resolved_qwen_model,
                              refusal="name: {uri} holds a sweep whose {diff}; re-run with the same settings to "
                                      "resume it, or choose a new name")
+
+
+def _resolved_qwen_model(config: dict) -> dict:
+    """The sweep's training config (``qwen``) with its model defaults resolved (train/prepare.py)."""
+    out = dict(config)
+    if isinstance(out.get("qwen"), dict):
+        out["qwen"] = resolved_model_section(out["qwen"])
+    return out
 
 
 def experiment_trials(path: str, filesystem=None) -> list[dict[str, str]]:
