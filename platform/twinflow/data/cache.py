@@ -25,10 +25,11 @@ manifest.json (format "twinflow-latent-cache", version 1)::
 
     {"format", "version", "complete": true, "dtype": "float32",
      "source": {"uri", "format", "fingerprint", "shards"},
-     "model": {"path", "latents_mean", "latents_std", "z_dim"},
+     "model": {"path", "family", "uncond_prompt", + the family's VAE settings: latents_mean, latents_std,
+               z_dim (Qwen-Image) or scaling_factor, latent_channels (SANA)},
      "settings": {...resolution, crop, ..., "fingerprint"},
      "latent_shapes": [[C, H, W], ...], "embed_dim": D, "max_prompt_len": L,
-     "uncond": {"path": "uncond.safetensors", "prompt": "Generate an image.", "length": L},
+     "uncond": {"path": "uncond.safetensors", "prompt": the family's ∅ ("Generate an image.", ""), "length": L},
      "counts": {"rows", "seen", "skipped": {reason: n}},
      "shards": [{"id", "source", "fingerprint", "rows", "seen", "skipped", "parts": [{"path", "rows"}]}]}
 """
