@@ -125,12 +125,12 @@ def test_encode_side_round_trips_pixels_and_gives_contiguous_masks(family_folder
 
 
 def test_planner_parameter_counts_are_the_meta_models_and_near_the_published_sizes():
-    from twinflow.plan.params import count_parameters
+    from twinflow.plan.params import count_parameters, meta_transformer
 
     for name in FAMILIES:
         family = backbone(name)
         for label, published in family.published_configs().items():
-            model = family.meta_transformer(published.transformer)
+            model = meta_transformer({"_class_name": family.transformer_class_names[0], **published.transformer})
             e2 = sum(p.numel() for n, p in model.named_parameters() if n.startswith(E2_NAME + "."))
             meta = sum(p.numel() for p in model.parameters())
             counts = count_parameters({"_class_name": family.transformer_class_names[0], **published.transformer})

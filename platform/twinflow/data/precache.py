@@ -18,7 +18,6 @@ uncond.safetensors.
 from __future__ import annotations
 
 import dataclasses
-
 import hashlib
 import json
 import time
@@ -135,7 +134,6 @@ def resolve_model_path(path: str, build: bool = True) -> str:
 def vae_info(model_path: str) -> dict:
     """The model's family and VAE settings (recorded in the manifest; the family's latent normalisation
     reads them); DataSourceError naming the path when it is no pipeline folder of a known family."""
-    from twinflow.config.errors import ConfigError
     from twinflow.models.families import backbone_for
 
     try:

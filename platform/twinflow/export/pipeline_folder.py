@@ -53,12 +53,15 @@ def _merged_lora(weights: TrainedWeights, base_path: str, dtype: torch.dtype):
 
 
 def _assembled(weights: TrainedWeights, base_path: str, dtype: torch.dtype):
+    from accelerate import init_empty_weights
+
     from twinflow.models.families import backbone_for
+    from twinflow.models.loading import build_twinflow_transformer
 
     subfolder = weights.source.config.model.subfolder or None
-    family = backbone_for(str(base_path))
-    config = family.transformer_class().load_config(base_path, subfolder=subfolder)
-    model = family.meta_transformer(config)
+    cls = backbone_for(str(base_path)).transformer_class()
+    model = build_twinflow_transformer(cls.load_config(base_path, subfolder=subfolder),
+                                       init_context=init_empty_weights(), cls=cls)
     expected = set(model.state_dict())
     given = set(weights.transformer)
     missing, unexpected = sorted(expected - given), sorted(given - expected)

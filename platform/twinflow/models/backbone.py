@@ -64,6 +64,8 @@ class Backbone:
     uncond_prompt: str = ""
     """The unconditional condition ∅ of CFG and condition dropout (docs/METHOD.md §6)."""
     max_sequence_length: int = 512
+    memory_planned: bool = False
+    """Whether the memory planner's activation model (plan/activations.py) covers this family's blocks."""
 
     # ---- classes -----------------------------------------------------------------------------------
 
@@ -138,14 +140,6 @@ class Backbone:
         if not load_text:
             skip.update(text_encoder=None, tokenizer=None)
         return self.base_pipeline_class().from_pretrained(path, dtype=dtype, **skip, **kwargs)
-
-    def meta_transformer(self, config: dict[str, Any]) -> nn.Module:
-        """The transformer of ``config`` on the meta device (no memory): parameter counts for the planner."""
-        from accelerate import init_empty_weights
-
-        cfg = {k: v for k, v in config.items() if not k.startswith("_")}
-        with init_empty_weights():
-            return self.transformer_class().from_config(cfg)
 
     def __repr__(self) -> str:
         return f"<backbone {self.name}>"

@@ -23,7 +23,9 @@ FAMILIES: dict[str, str] = {
     "sana": "twinflow.models.sana:SANA",
 }
 AUTO = "auto"
-"""``model.family: auto``: the family of the model folder (or named model); hub ids must name it."""
+"""``model.family: auto``: the family of the model folder, named model or hub id."""
+DEFAULT_FAMILY = "qwen-image"
+"""The family of a bare transformer config without a ``_class_name`` (tests' and planner's dicts)."""
 
 
 def backbone(name: str) -> Backbone:
@@ -90,12 +92,21 @@ def backbone_for(path: str, family: str = AUTO) -> Backbone:
     return found
 
 
+def published(hub_id: str):
+    """(backbone, PublishedConfig) of a checkpoint the families know by hub id (offline), else None."""
+    for b in all_backbones():
+        for config in b.published_configs().values():
+            if config.hub_id == hub_id:
+                return b, config
+    return None
+
+
 def family_of_hub_id(hub_id: str) -> Backbone | None:
     """A published checkpoint's family (the backbones' ``published_configs``; offline), else the family of the
     hub's model_index.json (downloaded by diffusers, or its cache); None when neither can be read."""
-    for b in all_backbones():
-        if any(c.hub_id == hub_id for c in b.published_configs().values()):
-            return b
+    known = published(hub_id)
+    if known is not None:
+        return known[0]
     try:
         from diffusers import DiffusionPipeline
 

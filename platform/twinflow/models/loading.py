@@ -54,10 +54,10 @@ def build_twinflow_transformer(config: dict[str, Any] | None = None, torch_dtype
 def _class_for_config(config: dict) -> type:
     """The TwinFlow class of a transformer config: its ``_class_name``'s family; a bare dict (no class name,
     as in the tests' and planner's configs) is Qwen-Image's, the platform's first family."""
-    from twinflow.models.families import backbone, backbone_for_transformer_class
+    from twinflow.models.families import DEFAULT_FAMILY, backbone, backbone_for_transformer_class
 
     name = config.get("_class_name")
-    return (backbone_for_transformer_class(name) if name else backbone("qwen-image")).transformer_class()
+    return (backbone_for_transformer_class(name) if name else backbone(DEFAULT_FAMILY)).transformer_class()
 
 
 def load_twinflow_transformer(path_or_hub_id: str | Path, subfolder: str | None = "transformer",
@@ -84,8 +84,11 @@ def load_twinflow_transformer(path_or_hub_id: str | Path, subfolder: str | None 
     cls              the family's TwinFlow transformer class (default: the one the transformer's
                      config.json ``_class_name`` belongs to, models/families.py).
     """
-    config = _config_reader().load_config(path_or_hub_id, subfolder=subfolder, **_hub_kwargs(from_pretrained_kwargs))
-    cls = cls or _class_for_config(config)
+    config = None
+    if cls is None or init_context is not None:
+        config = _config_reader().load_config(path_or_hub_id, subfolder=subfolder,
+                                              **_hub_kwargs(from_pretrained_kwargs))
+        cls = cls or _class_for_config(config)
     if init_context is None:
         model = cls.from_pretrained(path_or_hub_id, subfolder=subfolder, dtype=torch_dtype, **from_pretrained_kwargs)
     else:

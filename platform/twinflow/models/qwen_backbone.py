@@ -23,6 +23,7 @@ class QwenImageBackbone(Backbone):
     transformer_class_names = ("QwenImageTransformer2DModel", "TwinFlowQwenImageTransformer2DModel")
     uncond_prompt = "Generate an image."
     max_sequence_length = 512
+    memory_planned = True
 
     @property
     def default_lora_targets(self) -> tuple[str, ...]:

@@ -60,10 +60,6 @@ class TargetTimeMixin:
 
     # ---- shared ----------------------------------------------------------------------------------
 
-    @classmethod
-    def e2_prefix(cls) -> str:
-        return cls.E2_NAME + "."
-
     def _init_target_time(self, enabled: bool) -> None:
         # Plain attributes (not submodules): the per-call times and an optional E2 stand-in (an EMA or
         # frozen copy used by LoRA teachers, see lora.py).
@@ -138,16 +134,13 @@ class TargetTimeMixin:
         scale = scale / self.time_scale
         if extra_rows:  # rows the model appended to the batch (Qwen-Image's zero_cond_t): no E2 term there
             scale = torch.cat([scale, scale.new_zeros(extra_rows)])
-        return self._add_to_embedding(output, scale[:, None] * emb2.float())
-
-    def _add_to_embedding(self, output: Any, term: torch.Tensor) -> Any:
-        return output + term.to(output.dtype)
+        return output + (scale[:, None] * emb2.float()).to(output.dtype)
 
     @classmethod
     def _load_pretrained_model(cls, model, state_dict, resolved_model_file, pretrained_model_name_or_path,
                                loaded_keys, *args, **kwargs):
         """diffusers' loader, plus: a plain checkpoint has no E2 → copy it from E1."""
-        prefix = cls.e2_prefix()
+        prefix = E2_PREFIX
         e2_keys = [k for k in model.state_dict() if k.startswith(prefix)]
         missing_e2 = bool(e2_keys) and not any(k.startswith(prefix) for k in loaded_keys)
         if missing_e2:

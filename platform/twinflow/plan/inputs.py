@@ -150,7 +150,7 @@ class PlanInputs:
 def resolve_architecture(inputs: PlanInputs) -> dict[str, Any]:
     """The transformer config dict to count and plan with (see the module docstring); its ``_class_name``
     is kept, so that the count builds the model's own family (models/families.py)."""
-    from twinflow.models.families import all_backbones
+    from twinflow.models.families import all_backbones, published
 
     if inputs.architecture:
         return dict(inputs.architecture)
@@ -163,10 +163,10 @@ def resolve_architecture(inputs: PlanInputs) -> dict[str, Any]:
                 return {k: v for k, v in data.items() if not k.startswith("_") or k == "_class_name"}
         raise ConfigError(f"model.path: {path} has no {inputs.model.subfolder}/config.json to read the transformer "
                           "architecture from")
-    for family in all_backbones():
-        for published in family.published_configs().values():
-            if published.hub_id == path:
-                return {"_class_name": family.transformer_class_names[0], **published.transformer}
+    known_here = published(path)
+    if known_here is not None:
+        family, config = known_here
+        return {"_class_name": family.transformer_class_names[0], **config.transformer}
     known = [c.hub_id for b in all_backbones() for c in b.published_configs().values()]
     raise ConfigError(f"model.path: cannot plan {path!r} without its config; use a local pipeline folder, "
                       f"{', '.join(known)}, or set architecture: {{...}} (transformer config.json)")

@@ -314,7 +314,7 @@ def _require_planned_family(arch: dict) -> None:
 
     name = arch.get("_class_name")
     family = backbone_for_transformer_class(name) if name else None
-    if family is not None and family.name != "qwen-image":
+    if family is not None and not family.memory_planned:
         total = count_parameters(arch).total
         raise ConfigError(f"model.family: the memory planner models Qwen-Image's blocks, not {family.name}'s: no "
                           f"per-GPU plan for this model ({total / 1e6:,.2f}M parameters with E2, counted on the meta "
